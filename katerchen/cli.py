@@ -1,0 +1,237 @@
+"""The command line: parse arguments, load the config, and run the server or check the config.
+
+Exit status: 0 after a clean shutdown (SIGTERM/SIGINT) or a valid config, 1 when the server
+cannot start (e.g. the port is taken), 2 for usage and config errors.  No traceback is shown for
+any of those; ``--log-level debug`` adds one to the log for a failed start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import trio
+
+from katerchen import __version__, maillog
+from katerchen.config import DEFAULT_DATA_DIR, Config, ConfigError, format_address
+
+__all__ = ["ENV_CONFIG", "build_parser", "main", "main_entry"]
+
+#: The environment variable that stands in for ``--config``.
+ENV_CONFIG = "KATERCHEN_CONFIG"
+
+# What bare `katerchen` serves, on top of Config.default(): created at start when missing.
+DEFAULT_DOMAIN = "localhost"
+DEFAULT_MAILBOX = "postmaster"
+
+_DESCRIPTION = f"""\
+katerchen: a personal mail server. SMTP in, Maildir out.
+
+Without a command, katerchen runs "serve".  Without --config (or {ENV_CONFIG}), serve
+uses the embedded default: it listens on 127.0.0.1:2525, keeps everything under
+./{DEFAULT_DATA_DIR}, and serves the domain "localhost" with the mailbox "postmaster"
+(both created when missing).
+"""
+
+_EPILOG = f"""\
+environment:
+  {ENV_CONFIG}  config file to use when --config is not given
+
+See katerchen.toml.example for every config key and its default."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (public so that documentation tools can render it)."""
+
+    def add_common(parser: argparse.ArgumentParser, *, top: bool) -> None:
+        # On a subcommand these default to SUPPRESS, so `katerchen --config X serve` keeps X.
+        default = None if top else argparse.SUPPRESS
+        parser.add_argument(
+            "--config",
+            metavar="FILE",
+            default=default,
+            help=f"TOML config file (default: ${ENV_CONFIG}, else the embedded default)",
+        )
+        parser.add_argument(
+            "--log-level",
+            metavar="LEVEL",
+            type=str.lower,
+            choices=list(maillog.LEVELS),
+            default=default,
+            help=f"log from this level up: {', '.join(maillog.LEVELS)} (default: info)",
+        )
+
+    parser = argparse.ArgumentParser(
+        prog="katerchen",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"katerchen {__version__}")
+    add_common(parser, top=True)
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="run the SMTP server in the foreground until SIGTERM/SIGINT (the default)",
+        description="Run the SMTP server in the foreground.  SIGTERM or SIGINT shut it down\n"
+        "gracefully (exit status 0).  Logs go to stderr, one line per event.\n\n"
+        + _DESCRIPTION.partition("\n\n")[2],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common(serve, top=False)
+    check = commands.add_parser(
+        "check-config",
+        help="validate the config and print the effective config (exit status 2 on an error)",
+        description="Validate the config and print the effective config, every key with\n"
+        "absolute paths, as TOML on stdout.  On an error, print one line naming the key\n"
+        "on stderr and exit with status 2.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common(check, top=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line *argv* (default: ``sys.argv[1:]``); return the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: argparse has printed already
+        return exc.code if isinstance(exc.code, int) else 2
+    config_file: str | None = args.config or os.environ.get(ENV_CONFIG) or None
+    if args.command == "check-config":
+        return _check_config(config_file)
+    return _serve(config_file, log_level=args.log_level or "info")
+
+
+def main_entry() -> None:
+    """The ``katerchen`` console script."""
+    sys.exit(main())
+
+
+def _load(config_file: str | None) -> Config:
+    if config_file is None:
+        return Config.default()
+    return Config.from_file(Path(config_file))
+
+
+def _check_config(config_file: str | None) -> int:
+    try:
+        config = _load(config_file)
+    except ConfigError as exc:
+        print(f"katerchen: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(config.to_toml())
+    return 0
+
+
+def _serve(config_file: str | None, *, log_level: str) -> int:
+    maillog.setup(level=log_level)
+    try:
+        config = _load(config_file)
+    except ConfigError as exc:
+        print(f"katerchen: {exc}", file=sys.stderr)
+        return 2
+
+    if config_file is None:
+        mailbox = config.directories.domains / DEFAULT_DOMAIN / DEFAULT_MAILBOX
+        try:
+            mailbox.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            maillog.error("cannot-start", reason=f"cannot create {mailbox}: {exc.strerror}")
+            return 1
+    _log_summary(config)
+
+    # Imported here so that check-config does not pay for the server's imports.
+    from katerchen import app
+
+    try:
+        trio.run(functools.partial(app.run, config, handle_signals=True))
+    except BaseException as exc:
+        leaves = list(_leaves(exc))
+        if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):
+            # A SIGINT before the server took over signal handling.
+            maillog.event("stopped", reason="interrupted")
+            return 130
+        if not all(isinstance(leaf, OSError) for leaf in leaves):
+            raise  # a bug: the traceback is the useful output
+        # Cannot bind (port taken, no permission), cannot create the spool directories, ...
+        maillog.logger.debug("start failed", exc_info=exc)
+        maillog.error(
+            "cannot-start",
+            reason=str(leaves[0]),
+            listen=",".join(format_address(a) for a in config.server.listen),
+        )
+        return 1
+    return 0  # app.run has logged "stopped"
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    """The exceptions inside (possibly nested) exception groups; *exc* itself if not a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def _log_summary(config: Config) -> None:
+    """The first log lines: what runs, from which config, where it listens and keeps data."""
+    if config.source is None:
+        maillog.event(
+            "starting",
+            version=__version__,
+            config="embedded-default",
+            note=f"no --config and no {ENV_CONFIG}: using the embedded default",
+        )
+    else:
+        maillog.event("starting", version=__version__, config=config.source)
+    server, dirs = config.server, config.directories
+    fields: dict[str, object] = {
+        "hostname": server.hostname,
+        "listen": ",".join(format_address(a) for a in server.listen),
+    }
+    if config.source is None:
+        fields["data"] = dirs.domains.parent
+    maillog.event("config", **fields)
+    maillog.event(
+        "directories",
+        incoming=dirs.incoming,
+        received=dirs.received,
+        relay=dirs.relay,
+        domains=dirs.domains,
+    )
+    try:
+        domains = _subdirectories(dirs.domains)
+    except OSError as exc:
+        maillog.warning(
+            "no-domains",
+            domains=dirs.domains,
+            reason=f"{exc.strerror}: every recipient will be refused",
+        )
+        return
+    if not domains:
+        maillog.warning(
+            "no-domains", domains=dirs.domains, reason="empty: every recipient will be refused"
+        )
+    for domain in domains:
+        try:
+            mailboxes = _subdirectories(dirs.domains / domain)
+        except OSError:
+            mailboxes = []
+        shown = mailboxes[:10]
+        if len(mailboxes) > len(shown):
+            shown.append(f"+{len(mailboxes) - len(shown)}-more")
+        maillog.event("domain", name=domain, mailboxes=",".join(shown) or "postmaster-only")
+
+
+def _subdirectories(path: Path) -> list[str]:
+    """Names of the non-hidden subdirectories of *path*, sorted.  Raises OSError."""
+    with os.scandir(path) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_dir())

@@ -1,0 +1,389 @@
+"""Tests for katerchen.config: defaults, validation naming the key, paths, round trip."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import attrs
+import pytest
+
+from katerchen import config as config_module
+from katerchen.config import (
+    DEFAULT_DATA_DIR,
+    Config,
+    ConfigError,
+    DirectoriesConfig,
+    LimitsConfig,
+    format_address,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "katerchen.toml.example"
+
+
+def load(text: str, base_dir: Path = Path("/srv/k")) -> Config:
+    return Config.from_toml(text, base_dir=base_dir)
+
+
+def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: "mx.example.org")
+    config = load("")
+    assert config.server.hostname == "mx.example.org"
+    assert config.server.listen == (("127.0.0.1", 2525),)
+    assert config.server.shutdown_grace == 10
+    assert config.directories == DirectoriesConfig(
+        incoming=Path("/srv/k/spool/incoming"),
+        received=Path("/srv/k/spool/received"),
+        relay=Path("/srv/k/spool/relay"),
+        domains=Path("/srv/k/domains"),
+    )
+    assert config.limits == LimitsConfig(
+        max_message_size=26214400,
+        max_recipients=100,
+        max_connections=200,
+        max_connections_per_ip=50,
+        command_timeout=300,
+        data_timeout=600,
+        bare_newline="normalize",
+    )
+    assert config.source is None
+
+
+def test_default_hostname_falls_back_when_the_machine_name_is_unusable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: "my_laptop")
+    assert load("").server.hostname == "localhost"
+
+
+def test_hostname_is_not_looked_up_when_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> str:
+        raise AssertionError("getfqdn called")
+
+    monkeypatch.setattr(socket, "getfqdn", fail)
+    assert load('[server]\nhostname = "mx.example.org"').server.hostname == "mx.example.org"
+
+
+def test_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = Config.default()
+    data = tmp_path / DEFAULT_DATA_DIR
+    assert config.server.hostname == "localhost"
+    assert config.server.listen == (("127.0.0.1", 2525),)
+    assert config.directories.incoming == data / "spool" / "incoming"
+    assert config.directories.domains == data / "domains"
+    assert config.source is None
+    # An explicit base_dir is the data directory itself.
+    assert Config.default(tmp_path / "x").directories.domains == tmp_path / "x" / "domains"
+
+
+def test_full_config() -> None:
+    config = load(
+        """
+        [server]
+        hostname = "mx.example.org"
+        listen = ["0.0.0.0:25", "[::]:25", "[::1]:587", "localhost:2525"]
+        shutdown_grace = 2.5
+
+        [directories]
+        incoming = "/var/spool/katerchen/incoming"
+        received = "/var/spool/katerchen/received"
+        relay = "/var/spool/katerchen/relay"
+        domains = "/var/mail/domains"
+
+        [limits]
+        max_message_size = 1000
+        max_recipients = 5
+        max_connections = 10
+        max_connections_per_ip = 20
+        command_timeout = 30
+        data_timeout = 0.5
+        bare_newline = "reject"
+        """
+    )
+    assert config.server.listen == (
+        ("0.0.0.0", 25),
+        ("::", 25),
+        ("::1", 587),
+        ("localhost", 2525),
+    )
+    assert config.server.shutdown_grace == 2.5
+    assert config.directories.domains == Path("/var/mail/domains")
+    # A per-IP limit above the total is allowed (the total applies first).
+    assert config.limits.max_connections_per_ip == 20
+    assert config.limits.data_timeout == 0.5
+    assert config.limits.bare_newline == "reject"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('listen = ["[::]:25"]', ("::", 25)),
+        ('listen = ["[0:0::1]:25"]', ("::1", 25)),
+        ('listen = ["127.0.0.1:0"]', ("127.0.0.1", 0)),
+        ('listen = ["0.0.0.0:65535"]', ("0.0.0.0", 65535)),
+        ('listen = ["Mail.Example.ORG:25"]', ("mail.example.org", 25)),
+    ],
+)
+def test_listen_forms(text: str, expected: tuple[str, int]) -> None:
+    assert load(f"[server]\n{text}").server.listen == (expected,)
+
+
+def test_format_address() -> None:
+    assert format_address(("::", 25)) == "[::]:25"
+    assert format_address(("0.0.0.0", 25)) == "0.0.0.0:25"
+
+
+@pytest.mark.parametrize(
+    "hostname", ["mx.example.org", "localhost", "a-b.c0", "[192.0.2.1]", "[IPv6:2001:db8::1]"]
+)
+def test_good_hostnames(hostname: str) -> None:
+    assert load(f'[server]\nhostname = "{hostname}"').server.hostname == hostname
+
+
+# (TOML, the key the error must name, a fragment of its message)
+BAD = [
+    # [server]
+    ("[server]\nhostname = 3", "[server] hostname", "expected a string"),
+    ('[server]\nhostname = ""', "[server] hostname", "not a valid host name"),
+    ('[server]\nhostname = "mx_1.example.org"', "[server] hostname", "not a valid host name"),
+    ('[server]\nhostname = "-mx.example.org"', "[server] hostname", "not a valid host name"),
+    ('[server]\nhostname = "mx..example.org"', "[server] hostname", "not a valid host name"),
+    ('[server]\nhostname = "mx.example.org."', "[server] hostname", "not a valid host name"),
+    ('[server]\nhostname = "mx example"', "[server] hostname", "not a valid host name"),
+    ('[server]\nhostname = "m\u00fcller.de"', "[server] hostname", "ASCII only"),
+    ('[server]\nhostname = "192.0.2.1"', "[server] hostname", "address literal"),
+    ('[server]\nhostname = "[192.0.2.300]"', "[server] hostname", "address literal"),
+    ('[server]\nhostname = "[IPv6:::g]"', "[server] hostname", "address literal"),
+    ('[server]\nlisten = "0.0.0.0:25"', "[server] listen", "expected an array"),
+    ("[server]\nlisten = [25]", "[server] listen", "expected an array"),
+    ("[server]\nlisten = []", "[server] listen", "at least one"),
+    ('[server]\nlisten = ["0.0.0.0"]', "[server] listen", '"host:port"'),
+    ('[server]\nlisten = [":25"]', "[server] listen", '"host:port"'),
+    ('[server]\nlisten = ["0.0.0.0:"]', "[server] listen", "port"),
+    ('[server]\nlisten = ["0.0.0.0:65536"]', "[server] listen", "port"),
+    ('[server]\nlisten = ["0.0.0.0:-1"]', "[server] listen", "port"),
+    ('[server]\nlisten = ["0.0.0.0:2x"]', "[server] listen", "port"),
+    ('[server]\nlisten = ["::1:25"]', "[server] listen", "brackets"),
+    ('[server]\nlisten = ["[::1]25"]', "[server] listen", "[IPv6 address]:port"),
+    ('[server]\nlisten = ["[192.0.2.1]:25"]', "[server] listen", "not an IPv6 address"),
+    ('[server]\nlisten = ["bad_host:25"]', "[server] listen", "not an address or host name"),
+    ('[server]\nlisten = ["1.2.3.4:25", "1.2.3.4:25"]', "[server] listen", "twice"),
+    ('[server]\nlisten = ["[::]:25", "[0::0]:25"]', "[server] listen", "twice"),
+    ("[server]\nshutdown_grace = -1", "[server] shutdown_grace", ">= 0"),
+    ("[server]\nshutdown_grace = true", "[server] shutdown_grace", "boolean"),
+    ('[server]\nshutdown_grace = "10"', "[server] shutdown_grace", "string"),
+    ("[server]\nshutdown_grace = inf", "[server] shutdown_grace", "inf"),
+    # [directories]
+    ("[directories]\nincoming = 1", "[directories] incoming", "directory path"),
+    ('[directories]\nreceived = ""', "[directories] received", "empty"),
+    ('[directories]\nrelay = ["a"]', "[directories] relay", "array"),
+    ('[directories]\ndomains = "a\\u0000b"', "[directories] domains", "NUL"),
+    ('[directories]\nreceived = "spool/incoming"', "[directories] received", "same directory"),
+    ('[directories]\nincoming = "spool/received/tmp"', "[directories] incoming", "inside"),
+    ('[directories]\nrelay = "domains/relay"', "[directories] relay", "inside"),
+    ('[directories]\ndomains = "spool"', "[directories] incoming", "inside"),
+    # [limits]
+    ("[limits]\nmax_recipients = -3", "[limits] max_recipients", "positive integer, got -3"),
+    ("[limits]\nmax_recipients = 0", "[limits] max_recipients", "positive integer"),
+    ("[limits]\nmax_recipients = true", "[limits] max_recipients", "got true (a boolean)"),
+    ('[limits]\nmax_recipients = "100"', "[limits] max_recipients", '"100" (a string)'),
+    ("[limits]\nmax_recipients = 1.5", "[limits] max_recipients", "1.5"),
+    ("[limits]\nmax_message_size = 0", "[limits] max_message_size", "positive integer"),
+    ("[limits]\nmax_message_size = false", "[limits] max_message_size", "boolean"),
+    ("[limits]\nmax_connections = -1", "[limits] max_connections", "positive integer"),
+    ("[limits]\nmax_connections_per_ip = 0", "[limits] max_connections_per_ip", "positive"),
+    ("[limits]\ncommand_timeout = 0", "[limits] command_timeout", "positive number"),
+    ("[limits]\ncommand_timeout = -5", "[limits] command_timeout", "positive number"),
+    ("[limits]\ncommand_timeout = nan", "[limits] command_timeout", "nan"),
+    ("[limits]\ndata_timeout = 0.0", "[limits] data_timeout", "positive number"),
+    ("[limits]\ndata_timeout = [1]", "[limits] data_timeout", "array"),
+    ('[limits]\nbare_newline = "strip"', "[limits] bare_newline", '"normalize" or "reject"'),
+    ("[limits]\nbare_newline = 1", "[limits] bare_newline", '"normalize" or "reject"'),
+    # structure
+    ("[server]\nhostnam = 'x'", "[server] hostnam", "did you mean 'hostname'"),
+    ("[limits]\nmax_size = 1", "[limits] max_size", "unknown key"),
+    ("[limit]\nmax_recipients = 1", "[limit]", "did you mean [limits]"),
+    ("[tls]\ncert = 'x'", "[tls]", "unknown section"),
+    ("hostname = 'x'", "hostname", "[server]"),
+    ("server = 1", "[server]", "expected a table"),
+    ("[server.extra]\nx = 1", "[server] extra", "unknown key"),
+]
+
+
+@pytest.mark.parametrize(("text", "key", "fragment"), BAD)
+def test_bad_values_name_the_key(text: str, key: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(text)
+    assert info.value.key == key
+    assert fragment in info.value.message
+    assert str(info.value) == f"config error: {key}: {info.value.message}"
+    assert "\n" not in str(info.value)
+
+
+def test_every_key_has_a_validation_case() -> None:
+    # Every key of the example file is exercised by BAD (so a new key needs a test).
+    keys = {key for _, key, _ in BAD}
+    for section, values in config_module._DEFAULTS.items():
+        for name in values:
+            assert f"[{section}] {name}" in keys
+
+
+def test_error_message_format() -> None:
+    with pytest.raises(ConfigError) as info:
+        load("[limits]\nmax_recipients = -3")
+    assert str(info.value) == (
+        "config error: [limits] max_recipients: expected a positive integer, got -3"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("[server\nhostname = 'x'", 1),
+        ("[server]\nhostname = 'x'\nlisten = [\n", 4),
+        ("[server]\nhostname = = 'x'", 2),
+        ("[server]\nhostname = 'a'\nhostname = 'b'", 3),
+    ],
+)
+def test_toml_syntax_errors_give_the_line(text: str, line: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(text)
+    assert info.value.key is None
+    assert "invalid TOML" in str(info.value)
+    assert f"line {line}" in str(info.value)
+
+
+def test_relative_paths_resolve_against_the_config_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (etc / "k.toml").write_text(
+        '[directories]\nincoming = "../var/in"\nreceived = "r"\nrelay = "./a/../relay"\n'
+        f'domains = "{tmp_path / "mail"}"\n'
+    )
+    # A relative path to the file itself, too.
+    config = Config.from_file(Path("../etc/k.toml"))
+    assert config.source == etc / "k.toml"
+    assert config.directories.incoming == tmp_path / "var" / "in"
+    assert config.directories.received == etc / "r"
+    assert config.directories.relay == etc / "relay"
+    assert config.directories.domains == tmp_path / "mail"
+    for path in attrs.astuple(config.directories):
+        assert path.is_absolute()
+
+
+def test_home_directory_is_expanded(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load('[directories]\ndomains = "~/mail"')
+    assert config.directories.domains == tmp_path / "mail"
+
+
+def test_relative_base_dir_is_made_absolute(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    config = Config.from_toml("", base_dir=Path("data"))
+    assert config.directories.domains == tmp_path / "data" / "domains"
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        Config.from_file(tmp_path / "nope.toml")
+    assert "does not exist" in str(info.value)
+    assert str(tmp_path / "nope.toml") in str(info.value)
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="is a directory"):
+        Config.from_file(tmp_path)
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads anything")
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text("")
+    path.chmod(0)
+    with pytest.raises(ConfigError, match="cannot read"):
+        Config.from_file(path)
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "k.toml"
+    path.write_bytes(b'[server]\nhostname = "\xff"\n')
+    with pytest.raises(ConfigError, match="UTF-8"):
+        Config.from_file(path)
+
+
+def test_syntax_error_in_a_file_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text("[server]\nlisten = [\n")
+    with pytest.raises(ConfigError) as info:
+        Config.from_file(path)
+    assert str(path) in str(info.value)
+    assert "line 3" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        '[server]\nhostname = "[IPv6:2001:db8::1]"\nlisten = ["[::]:25", "0.0.0.0:25"]\n'
+        "shutdown_grace = 0.25\n[limits]\ndata_timeout = 1e9\nbare_newline = 'reject'",
+        '[directories]\ndomains = "/tmp/we\\"ird\\\\dir \u00e9\\t"',
+    ],
+)
+def test_to_toml_round_trip(text: str) -> None:
+    config = load(text)
+    again = Config.from_toml(config.to_toml(), base_dir=Path("/elsewhere"))
+    assert again == config
+    # And the output is stable.
+    assert again.to_toml() == config.to_toml()
+
+
+def test_to_toml_round_trip_of_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "k.toml"
+    path.write_text('[server]\nhostname = "mx.example.org"\n')
+    config = Config.from_file(path)
+    assert str(path) in config.to_toml()
+    again = Config.from_toml(config.to_toml(), base_dir=Path("/elsewhere"), source=path)
+    assert again == config
+
+
+def test_embedded_default_round_trip(tmp_path: Path) -> None:
+    config = Config.default(tmp_path)
+    assert Config.from_toml(config.to_toml(), base_dir=Path("/x")) == config
+
+
+def test_example_file_loads_and_matches_the_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getfqdn", lambda: "mx.example.org")
+    example = Config.from_file(EXAMPLE)
+    defaults = Config.from_toml("", base_dir=EXAMPLE.parent)
+    # The example shows every default; the production listen addresses are only a comment.
+    assert attrs.evolve(example, source=None) == defaults
+
+
+def test_example_file_mentions_every_key() -> None:
+    text = EXAMPLE.read_text()
+    for section, values in config_module._DEFAULTS.items():
+        assert f"[{section}]" in text
+        for name in values:
+            assert f"\n{name} = " in text or f"\n#{name} = " in text, name
+
+
+def test_example_production_listen_comment_is_valid() -> None:
+    text = EXAMPLE.read_text()
+    line = next(line for line in text.splitlines() if line.startswith("#listen = "))
+    config = load(f"[server]\n{line[1:]}")
+    assert config.server.listen == (("0.0.0.0", 25), ("::", 25))
+
+
+def test_config_is_frozen() -> None:
+    config = load("")
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        config.limits.max_recipients = 5  # type: ignore[misc]
