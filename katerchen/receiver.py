@@ -1,0 +1,532 @@
+"""The receiver: one task per SMTP connection, carrying bytes between a trio stream and the sans-IO
+protocol, routing recipients, streaming each message into the spool and committing it durably
+before it answers 250.
+
+Theory of operation.  :meth:`Receiver.handle_connection` runs one :class:`_Session` per client.
+The session feeds what it reads into a :class:`~katerchen.protocol.ServerConnection` and answers
+every event the protocol produces: it sends the protocol's proposed reply, or a rejection of its
+own (free space at MAIL, routing at RCPT, a spool failure at the end of data).  Replies are
+queued and written with one ``send_all`` just before the session blocks on a read (RFC 2920: a
+pipelined batch gets its replies in one write) and before a commit, so a commit never holds back
+a reply the client could already have.
+
+The protocol pauses after each event until its reply is sent, and the reply to the end of a
+message is sent only after the spool commit, so "250 queued" always means "on disk, fsynced".
+
+Deadlines (RFC 5321 4.5.3.2): each command must arrive within ``command_timeout`` of the previous
+reply; the whole of a message's data -- from the 354, or from the first BDAT -- within
+``data_timeout``; between BDAT chunks both apply.  A missed deadline gets 421 4.4.2 and the
+connection is closed.  Writes are bounded by ``command_timeout`` too, so a client that stops
+reading cannot pin a task forever.
+
+Shutdown (:meth:`Receiver.drain`): a session idle between transactions gets 421 4.3.2 at once; a
+session inside a transaction is left alone until the transaction ends, and then gets 421 4.3.2;
+the app cancels whatever still runs when its grace period is over.  Cancellation is safe
+anywhere: nothing is acknowledged before it is durable, and an open message is discarded in a
+shielded, bounded ``finally``.
+
+Sessions share no locks: a client that stalls only stalls its own task.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+import attrs
+import trio
+
+from katerchen import maillog
+from katerchen.address import Address
+from katerchen.config import Config
+from katerchen.envelope import Envelope, EnvelopeError, received_header
+from katerchen.protocol import (
+    ChunkEnd,
+    ConnectionClosed,
+    DataChunk,
+    DataEnd,
+    DataStart,
+    Hello,
+    MailFrom,
+    Quit,
+    RcptTo,
+    Reply,
+    Reset,
+    Respond,
+    Sentinel,
+    ServerConnection,
+    ServerSettings,
+    replies,
+)
+from katerchen.routing import DomainsTree, Route
+from katerchen.spool import IncomingMessage, Spool, new_queue_id
+
+__all__ = ["Receiver"]
+
+#: How much one read asks for.  64 KiB is trio's default and below malloc's mmap threshold.
+RECEIVE_SIZE = 65536
+
+#: MAIL is refused (452 4.3.1) while the spool has less free space than this many times the
+#: message size limit.
+FREE_SPACE_FACTOR = 1.5
+#: How long a free-space figure is trusted before statvfs is asked again (seconds).
+FREE_SPACE_TTL = 1.0
+
+#: Bound on the cleanup (discarding an open message) that runs shielded from cancellation.
+CLEANUP_TIMEOUT = 5.0
+
+#: RFC 5321 4.2.2 550 / RFC 3463 X.1.3 bad destination mailbox address syntax: a local part that
+#: cannot name a mailbox directory.
+UNSAFE_MAILBOX = Reply(550, "5.1.3", "Error: not a valid mailbox name")
+
+#: The RCPT refusal for each route that is not accepted.
+RCPT_REFUSALS: dict[Route, Reply] = {
+    Route.UNKNOWN_MAILBOX: replies.UNKNOWN_MAILBOX,  # 550 5.1.1
+    Route.RELAY_DENIED: replies.RELAY_DENIED,  # 550 5.7.1
+    Route.UNSAFE: UNSAFE_MAILBOX,  # 550 5.1.3
+}
+
+_AnsweredEvent = Hello | MailFrom | RcptTo | DataStart | ChunkEnd | DataEnd | Reset | Quit | Respond
+
+
+def _first_line(reply: Reply) -> str:
+    return reply.lines[0]
+
+
+def _client_ip(host: str) -> str:
+    """An IPv4-mapped IPv6 peer (``::ffff:192.0.2.1``) is the IPv4 client it stands for."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
+    return host
+
+
+class _Hangup(Exception):
+    """The session is over: the connection is to be closed without another word."""
+
+
+@attrs.define(eq=False)
+class Receiver:
+    """What all sessions of one server share: the config, the spool, the domains tree, the
+    connection counts and the shutdown flag.
+
+    *on_queued(queue_id)* is called after every successful commit; it is the delivery doorbell
+    and must not block (e.g. a memory channel's ``send_nowait``, ignoring ``WouldBlock``).
+    """
+
+    config: Config
+    spool: Spool
+    on_queued: Callable[[str], None] = attrs.field(default=lambda queue_id: None)
+    domains: DomainsTree = attrs.field(init=False)
+    settings: ServerSettings = attrs.field(init=False)
+    _sessions: set[_Session] = attrs.field(init=False, factory=set)
+    _per_ip: dict[str, int] = attrs.field(init=False, factory=dict)
+    _draining: bool = attrs.field(init=False, default=False)
+    _all_closed: trio.Event = attrs.field(init=False, factory=trio.Event)
+    _free_bytes: int = attrs.field(init=False, default=0)
+    _free_checked: float = attrs.field(init=False, default=float("-inf"))
+
+    def __attrs_post_init__(self) -> None:
+        self.domains = DomainsTree(self.config.directories.domains)
+        limits = self.config.limits
+        self.settings = ServerSettings(
+            hostname=self.config.server.hostname,
+            max_message_size=limits.max_message_size,
+            max_recipients=limits.max_recipients,
+            bare_newline=limits.bare_newline,
+        )
+
+    @property
+    def connections(self) -> int:
+        """How many sessions are open (refused connections never count)."""
+        return len(self._sessions)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def handle_connection(self, stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
+        """Serve one SMTP client on *stream* until it quits, times out or is shut down; *peer*
+        is its (host, port).  Closes *stream*.  Raises nothing but cancellation: a bug in one
+        session is logged (``internal-error``) and ends that session only."""
+        ip = _client_ip(peer[0])
+        port = peer[1]
+        limits = self.config.limits
+        hostname = self.settings.hostname
+        try:
+            maillog.event("connect", ip=ip, port=port)
+            if self._draining:
+                await _refuse(stream, replies.shutting_down(hostname), limits.command_timeout)
+                return
+            if (
+                len(self._sessions) >= limits.max_connections
+                or self._per_ip.get(ip, 0) >= limits.max_connections_per_ip
+            ):
+                reply = replies.too_many_connections(hostname)
+                maillog.event("reject", ip=ip, verb="CONNECT", code=421, reason=_first_line(reply))
+                await _refuse(stream, reply, limits.command_timeout)
+                return
+            session = _Session(self, stream, ip, ServerConnection(self.settings))
+            self._sessions.add(session)
+            self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
+            try:
+                await session.run()
+            finally:
+                self._sessions.discard(session)
+                left = self._per_ip[ip] - 1
+                if left:
+                    self._per_ip[ip] = left
+                else:
+                    del self._per_ip[ip]
+                if self._draining and not self._sessions:
+                    self._all_closed.set()
+                maillog.event("disconnect", ip=ip, port=port, queued=session.queued)
+        except Exception:
+            maillog.logger.exception("internal-error ip=%s port=%s", ip, port)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.aclose_forcefully(stream)
+
+    def drain(self) -> None:
+        """Begin the shutdown: idle sessions get 421 4.3.2 now, busy ones when their transaction
+        ends, new connections at once.  Idempotent."""
+        self._draining = True
+        for session in list(self._sessions):
+            session.interrupt_if_idle()
+        if not self._sessions:
+            self._all_closed.set()
+
+    async def wait_closed(self) -> None:
+        """After :meth:`drain`: block until every session has ended."""
+        if not self._draining:
+            raise RuntimeError("wait_closed() before drain()")
+        await self._all_closed.wait()
+
+    async def free_bytes(self) -> int:
+        """Free space in the spool, from a statvfs (in a worker thread) at most
+        ``FREE_SPACE_TTL`` seconds old.  Raises OSError."""
+        now = trio.current_time()
+        if now - self._free_checked >= FREE_SPACE_TTL:
+            self._free_bytes = await trio.to_thread.run_sync(self.spool.free_bytes)
+            self._free_checked = now
+        return self._free_bytes
+
+
+async def _refuse(stream: trio.abc.Stream, reply: Reply, timeout: float) -> None:
+    """Send a closing reply to a connection that gets no session."""
+    with (
+        trio.move_on_after(timeout),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(reply.to_bytes())
+
+
+@attrs.define(eq=False)
+class _Session:
+    """One connection: the protocol state plus the transaction being received."""
+
+    receiver: Receiver
+    stream: trio.abc.Stream
+    ip: str
+    conn: ServerConnection
+    queued: int = 0  # messages committed in this session
+    _out: list[bytes] = attrs.field(factory=list)  # replies not yet written
+    _read_scope: trio.CancelScope | None = None  # set while blocked on a read
+    _drain_interrupted: bool = False
+    # The open transaction, as far as the spool needs it.
+    _reverse_path: str = ""
+    _body: str | None = None
+    _smtputf8: bool = False
+    _recipients: list[str] = attrs.field(factory=list)
+    _message: IncomingMessage | None = None
+    _spool_failed: bool = False  # the message could not be written: its end gets 451
+    _data_verb: str = "BDAT"  # for the log: "DATA" once a DataStart was seen
+    _data_deadline: float | None = None
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        conn = self.conn
+        receiver = self.receiver
+        command_timeout = receiver.config.limits.command_timeout
+        self._out.append(conn.send(conn.greeting()))
+        command_deadline = trio.current_time() + command_timeout
+        try:
+            while True:
+                if receiver.draining and not conn.in_transaction:
+                    await self._close_with(replies.shutting_down(receiver.settings.hostname))
+                event = conn.next_event()
+                if isinstance(event, Sentinel):
+                    if event is not Sentinel.NEED_DATA:  # pragma: no cover - always answered
+                        raise RuntimeError("protocol paused with no reply pending")
+                    await self._flush()
+                    conn.receive_data(await self._receive(command_deadline))
+                    continue
+                if isinstance(event, DataChunk):
+                    await self._data(event.data)
+                    continue
+                if isinstance(event, ConnectionClosed):
+                    await self._flush()  # a half-closed peer may still read its replies
+                    return
+                reply = await self._answer(event)
+                self._out.append(conn.send(reply))
+                if reply.close:
+                    await self._flush()
+                    return
+                command_deadline = trio.current_time() + command_timeout
+        except _Hangup:
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return  # the client went away
+        finally:
+            if self._message is not None:
+                message, self._message = self._message, None
+                # Shielded: this runs when the session is cancelled too.  discard() is one
+                # unlink at most, and never raises OSError.
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
+                    await trio.to_thread.run_sync(message.discard)
+
+    def interrupt_if_idle(self) -> None:
+        """Shutdown: cut short a read that waits for a command outside any transaction."""
+        if self._read_scope is not None and not self.conn.in_transaction:
+            self._drain_interrupted = True
+            self._read_scope.cancel()
+
+    async def _flush(self) -> None:
+        """Write the queued replies in one send; a client that does not take them within the
+        command timeout is dropped."""
+        if not self._out:
+            return
+        data = b"".join(self._out)
+        self._out.clear()
+        with trio.move_on_after(self.receiver.config.limits.command_timeout):
+            await self.stream.send_all(data)
+            return
+        maillog.event("timeout", ip=self.ip, stage="write")
+        raise _Hangup
+
+    async def _receive(self, command_deadline: float) -> bytes:
+        """The next bytes from the client (b"" at EOF) within the deadline that applies.  On
+        timeout or shutdown sends the 421 and raises _Hangup."""
+        receiver = self.receiver
+        if self.conn.receiving_data:
+            deadline = self._start_data_clock()
+        elif self._data_deadline is not None:
+            deadline = min(command_deadline, self._data_deadline)  # between BDAT chunks
+        else:
+            deadline = command_deadline
+        # Checked again here, after the last await before the read: drain() may have run.
+        if receiver.draining and not self.conn.in_transaction:
+            await self._close_with(replies.shutting_down(receiver.settings.hostname))
+        with trio.CancelScope(deadline=deadline) as scope:
+            self._read_scope = scope
+            try:
+                # trio types this bytes | bytearray; sockets give bytes, which bytes()
+                # returns as it is (no copy).
+                return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+            finally:
+                self._read_scope = None
+        if self._drain_interrupted:
+            await self._close_with(replies.shutting_down(receiver.settings.hostname))
+        stage = "data" if self._data_deadline is not None else "command"
+        maillog.event("timeout", ip=self.ip, stage=stage)
+        await self._close_with(replies.timeout(receiver.settings.hostname))
+
+    def _start_data_clock(self) -> float:
+        """The message's data deadline, set by whatever first shows that data is flowing: the
+        354, the first BDAT chunk's bytes or end, or a read inside chunk octets."""
+        if self._data_deadline is None:
+            limits = self.receiver.config.limits
+            self._data_deadline = trio.current_time() + limits.data_timeout
+        return self._data_deadline
+
+    async def _close_with(self, reply: Reply) -> NoReturn:
+        """Send the closing *reply* after whatever is queued, then end the session (raises
+        _Hangup).  Only called with no event waiting for its reply."""
+        self._out.append(self.conn.send(reply))
+        await self._flush()
+        raise _Hangup
+
+    # --- events -------------------------------------------------------------------------------
+
+    async def _answer(self, event: _AnsweredEvent) -> Reply:
+        """The reply to one event: the protocol's proposal, or a rejection of our own."""
+        reply = event.reply
+        verb: str
+        if isinstance(event, RcptTo):
+            verb = "RCPT"
+            if reply.code < 400:
+                reply = await self._rcpt(event.forward_path, reply)
+        elif isinstance(event, MailFrom):
+            verb = "MAIL"
+            await self._abandon()  # MAIL after a failed BDAT transaction
+            self._end_transaction()
+            if reply.code < 400:
+                reply = await self._mail(event, reply)
+        elif isinstance(event, DataStart):
+            verb = self._data_verb = "DATA"
+            if reply.code == 354:
+                if self._open_message():
+                    self._start_data_clock()
+                else:
+                    reply = replies.LOCAL_ERROR
+        elif isinstance(event, ChunkEnd):
+            verb = "BDAT"
+            self._start_data_clock()
+            if self._spool_failed:
+                # Tell the client now rather than after the rest of its chunks; a refused
+                # chunk ends the transaction (RFC 3030 section 2).
+                reply = replies.LOCAL_ERROR
+                self._end_transaction()
+        elif isinstance(event, DataEnd):
+            verb = self._data_verb
+            if event.accepted:
+                reply = await self._commit(event.size)
+            else:
+                await self._abandon()
+            self._end_transaction()
+        elif isinstance(event, Respond):
+            verb = event.verb
+        elif isinstance(event, Hello):
+            verb = "EHLO" if event.extended else "HELO"
+            await self._abandon()
+            self._end_transaction()
+        elif isinstance(event, Reset):
+            verb = "RSET"
+            await self._abandon()
+            self._end_transaction()
+        else:
+            verb = "QUIT"
+            await self._abandon()
+        if reply.code >= 400:
+            maillog.event(
+                "reject", ip=self.ip, verb=verb, code=reply.code, reason=_first_line(reply)
+            )
+        return reply
+
+    async def _mail(self, event: MailFrom, reply: Reply) -> Reply:
+        limits = self.receiver.config.limits
+        try:
+            free = await self.receiver.free_bytes()
+        except OSError as exc:
+            maillog.error("spool-error", ip=self.ip, op="statvfs", error=exc)
+            return replies.LOCAL_ERROR
+        if free < FREE_SPACE_FACTOR * limits.max_message_size:
+            return replies.INSUFFICIENT_STORAGE
+        self._reverse_path = "" if event.reverse_path is None else str(event.reverse_path)
+        self._body = event.body
+        self._smtputf8 = event.smtputf8
+        return reply
+
+    async def _rcpt(self, address: Address, reply: Reply) -> Reply:
+        decision = await trio.to_thread.run_sync(self.receiver.domains.route, address)
+        if not decision.accepted:
+            return RCPT_REFUSALS[decision.route]
+        self._recipients.append(str(address))
+        return reply
+
+    def _open_message(self) -> bool:
+        """Start the spool file in memory: pre-header and Received header.  False (logged) when
+        the envelope cannot be encoded; the message then gets 451."""
+        receiver = self.receiver
+        self._spool_failed = False
+        queue_id = new_queue_id()
+        envelope = Envelope(
+            queue_id=queue_id,
+            arrival=time.time(),
+            client=self.ip,
+            helo=self.conn.hello_name or "",
+            reverse_path=self._reverse_path,
+            forward_paths=tuple(self._recipients),
+            body=self._body,
+            smtputf8=self._smtputf8,
+        )
+        # RFC 3848 / RFC 6531 3.7.3: the "with" keyword of the Received header.
+        if not self.conn.extended:
+            protocol = "SMTP"
+        elif self._smtputf8:
+            protocol = "UTF8SMTP"
+        else:
+            protocol = "ESMTP"
+        try:
+            header = envelope.encode() + received_header(
+                envelope, hostname=receiver.settings.hostname, protocol=protocol
+            )
+        except EnvelopeError as exc:
+            # The protocol only lets through what an envelope can hold, so this is a bug:
+            # refuse the message, not the whole session.
+            maillog.error("envelope-error", ip=self.ip, id=queue_id, error=exc)
+            self._spool_failed = True
+            return False
+        self._message = receiver.spool.open_message(queue_id, header)
+        return True
+
+    async def _data(self, data: bytes) -> None:
+        message = self._message
+        if message is None:
+            if self._spool_failed:
+                return  # the rest of the message is read and dropped
+            # BDAT has no DataStart: its first chunk opens the message.
+            self._start_data_clock()
+            if not self._open_message():
+                return
+            message = self._message
+            assert message is not None
+        if message.feed(data):
+            try:
+                await trio.to_thread.run_sync(message.flush)
+            except OSError as exc:
+                # flush() cleaned up after itself.
+                maillog.error("spool-error", ip=self.ip, id=message.queue_id, op="write", error=exc)
+                self._message = None
+                self._spool_failed = True
+
+    async def _commit(self, size: int) -> Reply:
+        if self._spool_failed:
+            return replies.LOCAL_ERROR
+        if self._message is None and not self._open_message():  # "BDAT 0 LAST" alone
+            return replies.LOCAL_ERROR
+        message = self._message
+        assert message is not None
+        # A pipelining client may be waiting for earlier replies: give them before the disk.
+        await self._flush()
+        try:
+            await trio.to_thread.run_sync(message.commit)
+        except OSError as exc:
+            # commit() cleaned up after itself: nothing is in incoming/ or received/.
+            self._message = None
+            maillog.error("spool-error", ip=self.ip, id=message.queue_id, op="commit", error=exc)
+            return replies.LOCAL_ERROR
+        self._message = None
+        self.queued += 1
+        maillog.event(
+            "queued",
+            id=message.queue_id,
+            size=size,
+            ip=self.ip,
+            **{"from": f"<{self._reverse_path}>"},
+            nrcpt=len(self._recipients),
+        )
+        self.receiver.on_queued(message.queue_id)
+        return replies.queued(message.queue_id)
+
+    async def _abandon(self) -> None:
+        """Drop the open message, if any (its incoming/ file is removed)."""
+        message, self._message = self._message, None
+        if message is not None:
+            await trio.to_thread.run_sync(message.discard)
+
+    def _end_transaction(self) -> None:
+        self._reverse_path = ""
+        self._body = None
+        self._smtputf8 = False
+        self._recipients = []
+        self._spool_failed = False
+        self._data_deadline = None
+        self._data_verb = "BDAT"
