@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import smtplib
 import subprocess
@@ -166,7 +167,12 @@ async def test_smtplib_many_messages_one_session(server: Server) -> None:
 
 # --- swaks ------------------------------------------------------------------------------------
 
-swaks = pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks is not installed")
+# Without swaks these tests are skipped, except where KATERCHEN_REQUIRE_TOOLS is set (.ci/run sets
+# it): there a missing client is a failure, so CI cannot turn green by testing less.
+swaks = pytest.mark.skipif(
+    shutil.which("swaks") is None and not os.environ.get("KATERCHEN_REQUIRE_TOOLS"),
+    reason="swaks is not installed",
+)
 
 
 async def run_swaks(server: Server, *args: str) -> subprocess.CompletedProcess[bytes]:
