@@ -248,6 +248,18 @@ def _client_literal(client: str) -> str | None:
     return f"[{address}]"
 
 
+_NON_ASCII_RE: Final = re.compile("[^\x00-\x7f]")
+
+
+def _ascii_helo(helo: str) -> str:
+    try:
+        encoded = helo.encode("idna").decode("ascii")
+    except UnicodeError:
+        encoded = _NON_ASCII_RE.sub("_", helo)
+    # The idna codec keeps some characters the header must not get (it maps, it does not check).
+    return _HELO_UNSAFE_RE.sub("_", _NON_ASCII_RE.sub("_", encoded)) or "unknown"
+
+
 def received_header(envelope: Envelope, *, hostname: str, protocol: str) -> bytes:
     """The RFC 5321 4.4 ``Received:`` trace header for ``envelope``, folded, ending in CRLF.
 
@@ -257,7 +269,9 @@ def received_header(envelope: Envelope, *, hostname: str, protocol: str) -> byte
     date is the arrival in UTC. The result is UTF-8 (it can hold non-ASCII under SMTPUTF8).
 
     A HELO name that is not a single token (spaces, parentheses, control characters) is shown
-    with those characters replaced by "_", so what a client says cannot break the header.
+    with those characters replaced by "_", so what a client says cannot break the header. Without
+    SMTPUTF8 the header stays ASCII: a non-ASCII HELO name is shown as IDNA A-labels (or with
+    "_" for what cannot be encoded).
 
     Raises :class:`EnvelopeError` (a ValueError) when the hostname, protocol, queue id or the
     recipient could break the header; :meth:`Envelope.encode` refuses those envelopes too.
@@ -269,6 +283,10 @@ def received_header(envelope: Envelope, *, hostname: str, protocol: str) -> byte
     if not _QUEUE_ID_RE.fullmatch(envelope.queue_id):
         raise EnvelopeError("received: invalid queue id")
     helo = _HELO_UNSAFE_RE.sub("_", envelope.helo[:255]) or "unknown"
+    if not envelope.smtputf8 and not helo.isascii():
+        # Without SMTPUTF8 the message's header must stay ASCII (RFC 6531 3.7.3 allows UTF-8
+        # in trace fields only for SMTPUTF8 messages): show an IDN HELO name as its A-labels.
+        helo = _ascii_helo(helo)
     literal = _client_literal(envelope.client)
     tcp_info = f" ({literal})" if literal else ""
     lines = [

@@ -313,6 +313,29 @@ def test_received_header_utf8() -> None:
     assert "\tfor <jöran@bücher.de>; ".encode() in header
 
 
+@pytest.mark.parametrize(
+    ("helo", "smtputf8", "shown"),
+    [
+        ("bücher.example", False, b"xn--bcher-kva.example"),
+        ("bücher.example", True, "bücher.example".encode()),
+        ("\u00e9" * 70, False, b"_" * 70),  # no valid IDN (label too long): "_" instead
+        ("caf\u00e9 (x)", False, None),  # sanitized first, then encoded: only ASCII is checked
+    ],
+)
+def test_received_header_is_ascii_without_smtputf8(
+    helo: str, smtputf8: bool, shown: bytes | None
+) -> None:
+    # A HELO name in UTF-8 must not make the header of a non-SMTPUTF8 message 8-bit.
+    envelope = attrs.evolve(EXAMPLE, helo=helo, smtputf8=smtputf8)
+    header = received_header(envelope, hostname="mx.example.org", protocol="ESMTP")
+    first = header.split(b"\r\n")[0]
+    if not smtputf8:
+        assert header.isascii()
+        assert all(c not in first[len(b"Received: from ") :].split(b" ")[0] for c in b"()\\ ")
+    if shown is not None:
+        assert first.startswith(b"Received: from " + shown + b" ")
+
+
 @pytest.mark.parametrize("helo", ["evil\r\nX-Injected: 1", "a (b) c", "x\\y", "", "tab\there"])
 def test_received_header_sanitizes_helo(helo: str) -> None:
     header = received_header(

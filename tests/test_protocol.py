@@ -656,7 +656,11 @@ def test_unknown_and_empty_commands(mode: str) -> None:
         c: FOO bar
         s: 500 5.5.2 Error: command not recognized
         c: STARTTLS
-        s: 500 5.5.2 Error: command not recognized
+        s: 502 5.5.1 Error: command not implemented
+        c: auth PLAIN AGFAYg==
+        s: 502 5.5.1 Error: command not implemented
+        c: ETRN example.test
+        s: 502 5.5.1 Error: command not implemented
         c:
         s: 500 5.5.2 Error: bad syntax
         c~    \\r\\n
@@ -665,6 +669,33 @@ def test_unknown_and_empty_commands(mode: str) -> None:
         s: 250 2.0.0 Ok
         """,
     )
+
+
+def test_hello_reply_lines_fit_the_reply_limit(mode: str) -> None:
+    # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets with its code and CRLF, but EHLO
+    # takes names up to the 512-octet command line: the echoed name is cut to fit.
+    name = "é" * 252  # 504 octets: the longest EHLO line that fits the command limit
+    room = 512 - len("250-") - len("\r\n")
+    expected = ("mx.test Hello " + name).encode()[:room].decode("utf-8", "ignore")
+    peer = dialog(
+        mode,
+        f"""
+        c: EHLO {name}
+        s: 250-{expected}
+        s: 250-SIZE 1000
+        s: 250-8BITMIME
+        s: 250-PIPELINING
+        s: 250-CHUNKING
+        s: 250-BINARYMIME
+        s: 250-ENHANCEDSTATUSCODES
+        s: 250 SMTPUTF8
+        c: HELO {name}
+        s: 250 {expected}
+        """,
+    )
+    assert isinstance(peer.events[0], Hello) and peer.events[0].name == name
+    for reply in (replies.ehlo("mx.test", name, max_message_size=1), replies.helo("mx.test", name)):
+        assert all(len(line) <= 512 for line in reply.to_bytes().split(b"\n"))
 
 
 def test_nul_and_invalid_utf8(mode: str) -> None:

@@ -58,6 +58,24 @@ class Reply:
 # --- session -------------------------------------------------------------------------------
 
 
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets including the code and CRLF.
+_REPLY_LINE_LIMIT: Final = 512
+
+
+def _hello_line(hostname: str, name: str) -> str:
+    """The first line of the EHLO/HELO reply, with the client's name cut to fit the limit.
+
+    The name is only echoed for the log-reader's benefit, so a name too long for one reply line
+    (EHLO accepts up to the 512-octet command line) is shortened rather than sent in full.
+    """
+    line = f"{hostname} Hello {name}"
+    room = _REPLY_LINE_LIMIT - len("250-") - len("\r\n")
+    encoded = line.encode("utf-8", "replace")
+    if len(encoded) <= room:
+        return line
+    return encoded[:room].decode("utf-8", "ignore")
+
+
 def greeting(hostname: str) -> Reply:
     """RFC 5321 4.2 / 4.3.1: the 220 opening line; "ESMTP" invites EHLO (RFC 5321 3.1)."""
     return Reply(220, None, f"{hostname} ESMTP katerchen")
@@ -74,7 +92,7 @@ def ehlo(hostname: str, name: str, *, max_message_size: int) -> Reply:
         250,
         None,
         (
-            f"{hostname} Hello {name}",
+            _hello_line(hostname, name),
             f"SIZE {max_message_size}",
             "8BITMIME",
             "PIPELINING",
@@ -88,7 +106,7 @@ def ehlo(hostname: str, name: str, *, max_message_size: int) -> Reply:
 
 def helo(hostname: str, name: str) -> Reply:
     """RFC 5321 4.1.1.1: the HELO reply, one line, no extensions and no enhanced code."""
-    return Reply(250, None, f"{hostname} Hello {name}")
+    return Reply(250, None, _hello_line(hostname, name))
 
 
 #: RFC 5321 4.1.1.5 (RSET) and 4.1.1.9 (NOOP).
@@ -125,6 +143,9 @@ def chunk_received(size: int) -> Reply:
 
 #: RFC 5321 4.2.4: the command word is not one this server knows.
 UNKNOWN_COMMAND: Final = Reply(500, "5.5.2", "Error: command not recognized")
+#: RFC 5321 4.2.4: 502 for a command that is known but not offered here (STARTTLS and AUTH until
+#: TLS is configured, and the old or optional verbs).
+NOT_IMPLEMENTED: Final = Reply(502, "5.5.1", "Error: command not implemented")
 #: RFC 5321 4.2.4: an empty command line.
 EMPTY_COMMAND: Final = Reply(500, "5.5.2", "Error: bad syntax")
 #: RFC 5321 4.5.3.1.4 and 4.5.3.1.10 ("500 Line too long"); X.5.6 as in the IANA registry.

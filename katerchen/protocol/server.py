@@ -340,6 +340,12 @@ _MAX_LINE_BUFFER: Final = _MAIL_LINE_LIMIT
 _PREFIX: Final = 16
 
 _TERMINATOR: Final = b"\r\n.\r\n"
+#: Verbs of RFC 5321 and its extensions that this server knows but does not offer (RFC 5321
+#: 4.2.4: 502, not 500, so a client can tell "not here" from "garbled").
+_KNOWN_UNOFFERED: Final = frozenset(
+    (b"STARTTLS", b"AUTH", b"TURN", b"ETRN", b"ATRN", b"SEND", b"SOML", b"SAML", b"VERB")
+)
+
 _HTTP_VERBS: Final = frozenset(
     {b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE", b"PATCH", b"TRACE"}
 )
@@ -601,6 +607,8 @@ class ServerConnection:
         if handler is None:
             if not line.strip(b" "):
                 return Respond("", replies.EMPTY_COMMAND)
+            if verb in _KNOWN_UNOFFERED:
+                return Respond(_verb_name(verb), replies.NOT_IMPLEMENTED)
             return Respond(_verb_name(verb), replies.UNKNOWN_COMMAND)
         # The verb matched, so it is ASCII and the byte index of the space is a str index too.
         arg = "" if space < 0 else text[space + 1 :].strip(" ")
