@@ -16,7 +16,7 @@ from pathlib import Path
 
 import trio
 
-from katerchen import __version__, maillog
+from katerchen import __version__, maillog, routing
 from katerchen.config import DEFAULT_DATA_DIR, Config, ConfigError, format_address
 
 __all__ = ["ENV_CONFIG", "build_parser", "main", "main_entry"]
@@ -124,6 +124,8 @@ def _load(config_file: str | None) -> Config:
 def _check_config(config_file: str | None) -> int:
     try:
         config = _load(config_file)
+        # [delivery] postmaster must reach a mailbox, which only the domains tree can tell.
+        routing.check_postmaster(config)
     except ConfigError as exc:
         print(f"katerchen: {exc}", file=sys.stderr)
         return 2
@@ -146,6 +148,11 @@ def _serve(config_file: str | None, *, log_level: str) -> int:
         except OSError as exc:
             maillog.error("cannot-start", reason=f"cannot create {mailbox}: {exc.strerror}")
             return 1
+    try:
+        routing.check_postmaster(config)
+    except ConfigError as exc:
+        print(f"katerchen: {exc}", file=sys.stderr)
+        return 2
     _log_summary(config)
 
     # Imported here so that check-config does not pay for the server's imports.

@@ -1,9 +1,10 @@
 """Configuration: the frozen Config tree, loaded from TOML, with all validation and the defaults.
 
-A config file is TOML with three tables, ``[server]``, ``[directories]`` and ``[limits]``; every
-key is optional.  Validation is strict and happens here, once: an unknown key, a wrong type or an
-impossible value raises :class:`ConfigError` naming the key, so the rest of katerchen can trust
-every value it reads from a :class:`Config`.
+A config file is TOML with four tables, ``[server]``, ``[directories]``, ``[limits]`` and
+``[delivery]``; every key is optional.  Validation is strict and happens here, once: an unknown
+key, a wrong type or an impossible value raises :class:`ConfigError` naming the key, so the rest
+of katerchen can trust every value it reads from a :class:`Config`.  (That ``[delivery]
+postmaster`` reaches a mailbox needs the domains tree: :func:`katerchen.routing.check_postmaster`.)
 
 Relative directories are resolved against the directory holding the config file (``base_dir``)
 and stored absolute, so the server behaves the same whatever its working directory.
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import attrs
 
+from katerchen.address import AddressError, domain_component, parse_forward_path
+
 if sys.version_info >= (3, 11):  # noqa: UP036 - the tomli fallback pyproject.toml declares
     import tomllib
 else:  # pragma: no cover
@@ -35,6 +38,7 @@ __all__ = [
     "DEFAULT_TOML",
     "Config",
     "ConfigError",
+    "DeliveryConfig",
     "DirectoriesConfig",
     "LimitsConfig",
     "ServerConfig",
@@ -106,12 +110,31 @@ class LimitsConfig:
 
 
 @attrs.frozen
+class DeliveryConfig:
+    """``[delivery]``: moving received mail into Maildirs, and how recipients are routed.
+
+    The defaults here are the per-key defaults, so ``DeliveryConfig()`` is the default section.
+    """
+
+    scan_interval: float = 60.0  # seconds between rescans of received/ (besides every doorbell)
+    # The address that gets postmaster@<domain> mail for a served domain with neither a postmaster
+    # mailbox nor a postmaster alias; "" = none (then <domains>/<domain>/postmaster/ gets it).
+    # Syntax is checked here; that it reaches a local mailbox is routing.check_postmaster's job,
+    # since that needs the domains tree.
+    postmaster: str = ""
+    recipient_delimiter: str = "+"  # one character; alice+tag@dom reaches alice; "" = off
+    retry_initial: float = 60.0  # seconds before the first retry after a temporary failure
+    retry_max: float = 3600.0  # the retry delay doubles up to this many seconds
+
+
+@attrs.frozen
 class Config:
     """The whole validated configuration.  Build it with a named constructor, not directly."""
 
     server: ServerConfig
     directories: DirectoriesConfig
     limits: LimitsConfig
+    delivery: DeliveryConfig = attrs.field(factory=DeliveryConfig)
     source: Path | None = None  # the file it came from; None for the embedded default or a string
 
     @classmethod
@@ -171,7 +194,7 @@ class Config:
         ``source``).
         """
         source = str(self.source) if self.source is not None else "the embedded default"
-        s, d, lim = self.server, self.directories, self.limits
+        s, d, lim, dlv = self.server, self.directories, self.limits, self.delivery
         listen = ", ".join(_toml_str(format_address(addr)) for addr in s.listen)
         lines = [
             f"# katerchen effective configuration, from {source}".replace("\n", " "),
@@ -195,6 +218,13 @@ class Config:
             f"command_timeout = {_toml_number(lim.command_timeout)}",
             f"data_timeout = {_toml_number(lim.data_timeout)}",
             f"bare_newline = {_toml_str(lim.bare_newline)}",
+            "",
+            "[delivery]",
+            f"scan_interval = {_toml_number(dlv.scan_interval)}",
+            f"postmaster = {_toml_str(dlv.postmaster)}",
+            f"recipient_delimiter = {_toml_str(dlv.recipient_delimiter)}",
+            f"retry_initial = {_toml_number(dlv.retry_initial)}",
+            f"retry_max = {_toml_number(dlv.retry_max)}",
         ]
         return "\n".join(lines) + "\n"
 
@@ -231,6 +261,13 @@ _DEFAULTS: dict[str, dict[str, object]] = {
         "data_timeout": 600,
         "bare_newline": "normalize",
     },
+    "delivery": {
+        "scan_interval": 60,
+        "postmaster": "",
+        "recipient_delimiter": "+",
+        "retry_initial": 60,
+        "retry_max": 3600,
+    },
 }
 
 
@@ -260,8 +297,9 @@ def _build(data: dict[str, object], *, base_dir: Path, source: Path | None) -> C
     for name, value in data.items():
         if name not in _DEFAULTS:
             if not isinstance(value, dict):
+                names = [f"[{table}]" for table in _DEFAULTS]
                 raise ConfigError(
-                    "keys belong in a [server], [directories] or [limits] table", key=name
+                    f"keys belong in a {', '.join(names[:-1])} or {names[-1]} table", key=name
                 )
             hint = difflib.get_close_matches(name, list(_DEFAULTS), n=1)
             raise ConfigError(
@@ -278,6 +316,7 @@ def _build(data: dict[str, object], *, base_dir: Path, source: Path | None) -> C
         server=_server(tables["server"]),
         directories=_directories(tables["directories"], base_dir),
         limits=_limits(tables["limits"]),
+        delivery=_delivery(tables["delivery"]),
         source=source,
     )
 
@@ -342,6 +381,65 @@ def _limits(t: _Table) -> LimitsConfig:
         data_timeout=_seconds(t.get("data_timeout"), t.key("data_timeout")),
         bare_newline=bare_newline,
     )
+
+
+#: Characters that may separate a sub-address: RFC 5322 atext punctuation (so that the delimiter
+#: can appear in a Dot-string local part), without "/" (never in a mailbox name).
+_DELIMITER_CHARS = frozenset("!#$%&'*+-=?^_`{|}~.")
+
+
+def _delivery(t: _Table) -> DeliveryConfig:
+    postmaster = t.get("postmaster")
+    key = t.key("postmaster")
+    if not isinstance(postmaster, str):
+        raise ConfigError(
+            f'expected an address like "admin@example.org", got {_describe(postmaster)}', key=key
+        )
+    if postmaster:
+        problem = _postmaster_problem(postmaster)
+        if problem:
+            raise ConfigError(problem, key=key)
+
+    delimiter = t.get("recipient_delimiter")
+    key = t.key("recipient_delimiter")
+    if not isinstance(delimiter, str):
+        raise ConfigError(
+            f'expected one character such as "+", or "", got {_describe(delimiter)}', key=key
+        )
+    if len(delimiter) > 1 or (delimiter and delimiter not in _DELIMITER_CHARS):
+        choices = "".join(sorted(_DELIMITER_CHARS))
+        got = _describe(delimiter, string_expected=True)
+        raise ConfigError(f'expected one character of {choices} (or ""), got {got}', key=key)
+
+    retry_initial = _seconds(t.get("retry_initial"), t.key("retry_initial"))
+    retry_max = _seconds(t.get("retry_max"), t.key("retry_max"))
+    if retry_max < retry_initial:
+        raise ConfigError(
+            f"must be at least {t.key('retry_initial')} ({_toml_number(retry_initial)}), "
+            f"got {_toml_number(retry_max)}",
+            key=t.key("retry_max"),
+        )
+    return DeliveryConfig(
+        scan_interval=_seconds(t.get("scan_interval"), t.key("scan_interval")),
+        postmaster=postmaster,
+        recipient_delimiter=delimiter,
+        retry_initial=retry_initial,
+        retry_max=retry_max,
+    )
+
+
+def _postmaster_problem(value: str) -> str | None:
+    """None when *value* is an address with a domain name, as the postmaster setting needs."""
+    example = 'expected an address like "admin@example.org"'
+    try:
+        address = parse_forward_path(f"<{value}>", utf8=True)
+    except AddressError as exc:
+        return f"{example}, got {_toml_str(value)} ({exc})"
+    if address.domain is None:
+        return f"{example} (with a domain), got {_toml_str(value)}"
+    if domain_component(address.domain) is None:
+        return f"{example}: the domain must be a domain name, got {_toml_str(value)}"
+    return None
 
 
 # --- value checks --------------------------------------------------------------------------------

@@ -81,12 +81,16 @@ CLEANUP_TIMEOUT = 5.0
 #: RFC 5321 4.2.2 550 / RFC 3463 X.1.3 bad destination mailbox address syntax: a local part that
 #: cannot name a mailbox directory.
 UNSAFE_MAILBOX = Reply(550, "5.1.3", "Error: not a valid mailbox name")
+#: RFC 3463 X.4.6 routing loop detected: the recipient's aliases loop (or nest too deep).  A
+#: permanent refusal, so the sender hears of it now instead of through a bounce.
+ALIAS_LOOP = Reply(550, "5.4.6", "Error: alias loop")
 
-#: The RCPT refusal for each route that is not accepted.
+#: The RCPT refusal for each reason routing gives.
 RCPT_REFUSALS: dict[Route, Reply] = {
     Route.UNKNOWN_MAILBOX: replies.UNKNOWN_MAILBOX,  # 550 5.1.1
     Route.RELAY_DENIED: replies.RELAY_DENIED,  # 550 5.7.1
     Route.UNSAFE: UNSAFE_MAILBOX,  # 550 5.1.3
+    Route.LOOP: ALIAS_LOOP,  # 550 5.4.6
 }
 
 _AnsweredEvent = Hello | MailFrom | RcptTo | DataStart | ChunkEnd | DataEnd | Reset | Quit | Respond
@@ -133,7 +137,9 @@ class Receiver:
     _free_checked: float = attrs.field(init=False, default=float("-inf"))
 
     def __attrs_post_init__(self) -> None:
-        self.domains = DomainsTree(self.config.directories.domains)
+        # The same construction as the delivery's, so that RCPT accepts exactly what delivery
+        # can route.
+        self.domains = DomainsTree.from_config(self.config)
         limits = self.config.limits
         self.settings = ServerSettings(
             hostname=self.config.server.hostname,
@@ -425,9 +431,15 @@ class _Session:
         return reply
 
     async def _rcpt(self, address: Address, reply: Reply) -> Reply:
-        decision = await trio.to_thread.run_sync(self.receiver.domains.route, address)
-        if not decision.accepted:
-            return RCPT_REFUSALS[decision.route]
+        try:
+            resolution = await trio.to_thread.run_sync(self.receiver.domains.resolve, address)
+        except OSError as exc:
+            # The domains tree cannot be read (e.g. a permission problem): try again later.
+            maillog.error("routing-error", ip=self.ip, error=exc)
+            return replies.LOCAL_ERROR
+        if resolution.refusal is not None:
+            return RCPT_REFUSALS[resolution.refusal]
+        # The envelope keeps the recipient as sent: delivery resolves it again when it runs.
         self._recipients.append(str(address))
         return reply
 

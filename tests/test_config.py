@@ -9,11 +9,13 @@ from pathlib import Path
 import attrs
 import pytest
 
+from katerchen import cli, maillog, routing
 from katerchen import config as config_module
 from katerchen.config import (
     DEFAULT_DATA_DIR,
     Config,
     ConfigError,
+    DeliveryConfig,
     DirectoriesConfig,
     LimitsConfig,
     format_address,
@@ -47,6 +49,15 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         data_timeout=600,
         bare_newline="normalize",
     )
+    assert config.delivery == DeliveryConfig(
+        scan_interval=60,
+        postmaster="",
+        recipient_delimiter="+",
+        retry_initial=60,
+        retry_max=3600,
+    )
+    # The class's own defaults are the same.
+    assert config.delivery == DeliveryConfig()
     assert config.source is None
 
 
@@ -100,7 +111,21 @@ def test_full_config() -> None:
         command_timeout = 30
         data_timeout = 0.5
         bare_newline = "reject"
+
+        [delivery]
+        scan_interval = 0.5
+        postmaster = "Admin+pm@Example.ORG"
+        recipient_delimiter = "-"
+        retry_initial = 1
+        retry_max = 1
         """
+    )
+    assert config.delivery == DeliveryConfig(
+        scan_interval=0.5,
+        postmaster="Admin+pm@Example.ORG",
+        recipient_delimiter="-",
+        retry_initial=1,
+        retry_max=1,
     )
     assert config.server.listen == (
         ("0.0.0.0", 25),
@@ -201,12 +226,46 @@ BAD = [
     ("[limits]\ndata_timeout = [1]", "[limits] data_timeout", "array"),
     ('[limits]\nbare_newline = "strip"', "[limits] bare_newline", '"normalize" or "reject"'),
     ("[limits]\nbare_newline = 1", "[limits] bare_newline", '"normalize" or "reject"'),
+    # [delivery]
+    ("[delivery]\nscan_interval = 0", "[delivery] scan_interval", "positive number"),
+    ('[delivery]\nscan_interval = "60"', "[delivery] scan_interval", "string"),
+    ("[delivery]\nretry_initial = -1", "[delivery] retry_initial", "positive number"),
+    ("[delivery]\nretry_initial = inf", "[delivery] retry_initial", "inf"),
+    ("[delivery]\nretry_max = 0", "[delivery] retry_max", "positive number"),
+    (
+        "[delivery]\nretry_max = 59",
+        "[delivery] retry_max",
+        "at least [delivery] retry_initial (60)",
+    ),
+    (
+        "[delivery]\nretry_initial = 10\nretry_max = 2.5",
+        "[delivery] retry_max",
+        "at least [delivery] retry_initial (10), got 2.5",
+    ),
+    ("[delivery]\npostmaster = 1", "[delivery] postmaster", "an address like"),
+    ("[delivery]\npostmaster = ['a@b.c']", "[delivery] postmaster", "array"),
+    ('[delivery]\npostmaster = "admin"', "[delivery] postmaster", "an address like"),
+    ('[delivery]\npostmaster = "postmaster"', "[delivery] postmaster", "with a domain"),
+    ('[delivery]\npostmaster = "<admin@example.org>"', "[delivery] postmaster", "address like"),
+    ('[delivery]\npostmaster = "admin@[192.0.2.1]"', "[delivery] postmaster", "domain name"),
+    ('[delivery]\npostmaster = " admin@example.org"', "[delivery] postmaster", "address like"),
+    ('[delivery]\npostmaster = "a@b@example.org"', "[delivery] postmaster", "address like"),
+    ('[delivery]\npostmaster = "a@example.org."', "[delivery] postmaster", "address like"),
+    ("[delivery]\nrecipient_delimiter = 1", "[delivery] recipient_delimiter", "one character"),
+    ('[delivery]\nrecipient_delimiter = "++"', "[delivery] recipient_delimiter", '"++"'),
+    ('[delivery]\nrecipient_delimiter = "a"', "[delivery] recipient_delimiter", "one character"),
+    ('[delivery]\nrecipient_delimiter = "/"', "[delivery] recipient_delimiter", "one character"),
+    ('[delivery]\nrecipient_delimiter = "@"', "[delivery] recipient_delimiter", "one character"),
+    ('[delivery]\nrecipient_delimiter = " "', "[delivery] recipient_delimiter", "one character"),
+    ("[delivery]\nretries = 3", "[delivery] retries", "unknown key"),
+    ("[delivery]\nscan_intervall = 3", "[delivery] scan_intervall", "did you mean"),
     # structure
     ("[server]\nhostnam = 'x'", "[server] hostnam", "did you mean 'hostname'"),
     ("[limits]\nmax_size = 1", "[limits] max_size", "unknown key"),
     ("[limit]\nmax_recipients = 1", "[limit]", "did you mean [limits]"),
     ("[tls]\ncert = 'x'", "[tls]", "unknown section"),
-    ("hostname = 'x'", "hostname", "[server]"),
+    ("hostname = 'x'", "hostname", "[server], [directories], [limits] or [delivery] table"),
+    ("[deliver]\nscan_interval = 1", "[deliver]", "did you mean [delivery]"),
     ("server = 1", "[server]", "expected a table"),
     ("[server.extra]\nx = 1", "[server] extra", "unknown key"),
 ]
@@ -335,6 +394,9 @@ def test_syntax_error_in_a_file_names_the_file(tmp_path: Path) -> None:
         "",
         '[server]\nhostname = "[IPv6:2001:db8::1]"\nlisten = ["[::]:25", "0.0.0.0:25"]\n'
         "shutdown_grace = 0.25\n[limits]\ndata_timeout = 1e9\nbare_newline = 'reject'",
+        '[delivery]\nscan_interval = 0.001\npostmaster = "\\"a b\\\\\\"c\\"@example.org"\n'
+        "recipient_delimiter = ''\nretry_initial = 1.5\nretry_max = 1e6",
+        "[delivery]\npostmaster = 'j\u00fcrgen@b\u00fccher.example'\nrecipient_delimiter = '='",
         '[directories]\ndomains = "/tmp/we\\"ird\\\\dir \u00e9\\t"',
     ],
 )
@@ -376,6 +438,18 @@ def test_example_file_mentions_every_key() -> None:
             assert f"\n{name} = " in text or f"\n#{name} = " in text, name
 
 
+def test_example_postmaster_comment_is_valid() -> None:
+    text = EXAMPLE.read_text()
+    line = next(line for line in text.splitlines() if line.startswith("#postmaster = "))
+    assert load(f"[delivery]\n{line[1:]}").delivery.postmaster == "you@example.org"
+
+
+@pytest.mark.parametrize("delimiter", ["", "+", "-", "=", "_", ".", "~", "#", "%"])
+def test_recipient_delimiters(delimiter: str) -> None:
+    config = load(f"[delivery]\nrecipient_delimiter = '{delimiter}'")
+    assert config.delivery.recipient_delimiter == delimiter
+
+
 def test_example_production_listen_comment_is_valid() -> None:
     text = EXAMPLE.read_text()
     line = next(line for line in text.splitlines() if line.startswith("#listen = "))
@@ -387,3 +461,118 @@ def test_config_is_frozen() -> None:
     config = load("")
     with pytest.raises(attrs.exceptions.FrozenInstanceError):
         config.limits.max_recipients = 5  # type: ignore[misc]
+
+
+# --- [delivery] postmaster must reach a mailbox (routing.check_postmaster, and the CLI) -----------
+
+
+def delivery_config(tmp_path: Path, postmaster: str, extra: str = "") -> Config:
+    (tmp_path / "domains" / "example.org" / "alice").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "domains" / "other.org").mkdir(exist_ok=True)
+    text = f'[server]\nhostname = "mx.example.org"\n[delivery]\npostmaster = "{postmaster}"\n'
+    return Config.from_toml(text + extra, base_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("postmaster", "aliases"),
+    [
+        ("alice@example.org", ""),
+        ("ALICE@Example.Org", ""),
+        ("alice+admin@example.org", ""),  # sub-addressing applies
+        ("admins@example.org", "admins: alice, someone@elsewhere.example\n"),
+        ("root@example.org", "root: postmaster\npostmaster: alice\n"),
+        # A postmaster without mailbox or alias is <domain>/postmaster/, which delivery creates.
+        ("postmaster@example.org", ""),
+        ("postmaster@other.org", ""),
+    ],
+)
+def test_check_postmaster_accepts(tmp_path: Path, postmaster: str, aliases: str) -> None:
+    config = delivery_config(tmp_path, postmaster)
+    (tmp_path / "domains" / "example.org" / "aliases").write_text(aliases)
+    routing.check_postmaster(config)
+
+
+@pytest.mark.parametrize(
+    ("postmaster", "aliases", "fragment"),
+    [
+        ("bob@example.org", "", "no mailbox or alias 'bob' in "),
+        ("alice@elsewhere.example", "", "elsewhere.example is not a served domain"),
+        ("loop@example.org", "loop: loop2\nloop2: loop\n", "alias loop"),
+        ("fwd@example.org", "fwd: me@elsewhere.example\n", "only forwards to other servers"),
+        ("dead@example.org", "dead: nobody\n", "reaches no mailbox (nobody: mailbox unavailable)"),
+        # The catch-all is for mail from outside: it does not make up a postmaster.
+        ("bob@example.org", "*: alice\n", "no mailbox or alias 'bob'"),
+    ],
+)
+def test_check_postmaster_refuses(
+    tmp_path: Path, postmaster: str, aliases: str, fragment: str
+) -> None:
+    config = delivery_config(tmp_path, postmaster)
+    (tmp_path / "domains" / "example.org" / "aliases").write_text(aliases)
+    with pytest.raises(ConfigError) as info:
+        routing.check_postmaster(config)
+    assert info.value.key == "[delivery] postmaster"
+    assert fragment in info.value.message
+    assert "\n" not in str(info.value)
+
+
+def test_check_postmaster_unset_reads_nothing(tmp_path: Path) -> None:
+    # Not set: nothing to check, not even a domains directory (check-config creates nothing).
+    config = Config.from_toml("", base_dir=tmp_path / "missing")
+    routing.check_postmaster(config)
+    routing.check_postmaster(Config.default(tmp_path / "data"))
+    assert not (tmp_path / "missing").exists()
+
+
+def test_check_postmaster_without_a_domains_directory(tmp_path: Path) -> None:
+    config = Config.from_toml('[delivery]\npostmaster = "a@example.org"', base_dir=tmp_path)
+    with pytest.raises(ConfigError, match="not a served domain"):
+        routing.check_postmaster(config)
+
+
+def test_check_postmaster_unreadable_tree(tmp_path: Path) -> None:
+    config = delivery_config(tmp_path, "info@example.org")
+    aliases = tmp_path / "domains" / "example.org" / "aliases"
+    aliases.symlink_to(aliases)  # an error other than "missing", even for root
+    with pytest.raises(ConfigError) as info:
+        routing.check_postmaster(config)
+    assert info.value.key == "[delivery] postmaster"
+    assert "cannot check info@example.org" in info.value.message
+
+
+def test_cli_check_config_checks_the_postmaster(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "domains" / "example.org" / "alice").mkdir(parents=True)
+    path = tmp_path / "k.toml"
+    path.write_text('[delivery]\npostmaster = "bob@example.org"\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("katerchen: config error: [delivery] postmaster: ")
+    assert err.count("\n") == 1
+    path.write_text('[delivery]\npostmaster = "alice@example.org"\n')
+    assert cli.main(["check-config", "--config", str(path)]) == 0
+    assert 'postmaster = "alice@example.org"' in capsys.readouterr().out
+
+
+def test_cli_serve_refuses_to_start_without_a_postmaster_mailbox(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(cli.ENV_CONFIG, raising=False)
+    path = tmp_path / "k.toml"
+    # A TEST-NET address cannot be bound (exit 1) if the check did not stop it first.
+    path.write_text(
+        '[server]\nlisten = ["192.0.2.1:25"]\n[delivery]\npostmaster = "bob@example.org"\n'
+    )
+    saved = (maillog.logger.level, list(maillog.logger.handlers))
+    try:
+        assert cli.main(["serve", "--config", str(path)]) == 2
+    finally:
+        for handler in list(maillog.logger.handlers):
+            if handler not in saved[1]:
+                maillog.logger.removeHandler(handler)
+        maillog.logger.setLevel(saved[0])
+    err = capsys.readouterr().err
+    assert "katerchen: config error: [delivery] postmaster: bob@example.org: " in err
+    assert "example.org is not a served domain" in err
