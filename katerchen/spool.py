@@ -7,6 +7,11 @@ survive a crash, so a message is in ``received/`` for good before the server ans
 ``incoming/`` only holds messages that were never acknowledged, and :meth:`Spool.prepare`
 removes them at start. The file layout is described in ``docs/spool-format.md``.
 
+The delivery side lists ``received/`` (:meth:`Spool.list_received`), removes a message once it
+is delivered (:meth:`Spool.remove_received`), and writes the files it creates -- relay copies,
+bounces -- with :func:`write_file`: fsync, then a hard link under a deterministic name, so a
+repeat of the same step after a crash finds the file there instead of making a second one.
+
 Methods marked BLOCKING touch the disk and belong in ``trio.to_thread.run_sync``. Small messages
 stay in memory until :meth:`IncomingMessage.commit`, so receiving one costs a single thread hop.
 """
@@ -19,12 +24,21 @@ import os
 import random
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Final
 
 import attrs
 
-__all__ = ["FLUSH_THRESHOLD", "QUEUE_ID_LENGTH", "IncomingMessage", "Spool", "new_queue_id"]
+__all__ = [
+    "FLUSH_THRESHOLD",
+    "QUEUE_ID_LENGTH",
+    "IncomingMessage",
+    "Spool",
+    "is_queue_id",
+    "new_queue_id",
+    "write_file",
+]
 
 #: Bytes held in memory before :meth:`IncomingMessage.feed` asks for a flush to disk.
 FLUSH_THRESHOLD: Final = 256 * 1024
@@ -42,6 +56,7 @@ _rng = random.Random()
 
 _FILE_MODE: Final = 0o640
 _CREATE_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+_MAX_QUEUE_ID: Final = 64  # the envelope's limit (docs/spool-format.md)
 
 
 def new_queue_id() -> str:
@@ -58,6 +73,49 @@ def new_queue_id() -> str:
         _last_micros = micros
         suffix = _rng.getrandbits(24)
     return f"{micros:014x}{suffix:06x}"
+
+
+def is_queue_id(name: str) -> bool:
+    """Whether *name* can be a queue id (and so a spool file name): 1 to 64 of ``[0-9A-Za-z]``.
+
+    Anything else found in a spool directory (an editor's ``.swp``, a ``tmp`` file an
+    administrator left) is not a message and is never read or removed.
+    """
+    return 0 < len(name) <= _MAX_QUEUE_ID and name.isascii() and name.isalnum()
+
+
+def write_file(tmp_dir: Path, final_dir: Path, name: str, chunks: Iterable[bytes]) -> bool:
+    """BLOCKING. Write a new file ``final_dir/<name>`` durably, under a deterministic name.
+
+    The *chunks* are written to ``tmp_dir/<name>.<random>``, fsynced, and hard-linked to
+    ``final_dir/<name>``; the temporary name is removed and ``final_dir`` fsynced.  A link,
+    unlike a rename, never replaces an existing file: when ``final_dir/<name>`` exists already
+    (an earlier attempt got that far before a crash), nothing changes and False is returned.
+    True means the file was written now.
+
+    *tmp_dir* must be on the file system of *final_dir* (``incoming/`` is: it is emptied at
+    every start, so a temporary file left by a crash goes away).  Raises OSError (nothing is
+    left in *tmp_dir* then); an error from *chunks* propagates the same way.
+    """
+    temporary = tmp_dir / f"{name}.{_rng.getrandbits(48):012x}"
+    fd = os.open(temporary, _CREATE_FLAGS, _FILE_MODE)
+    try:
+        try:
+            for chunk in chunks:
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(temporary, final_dir / name)
+        except FileExistsError:
+            return False
+    finally:
+        _unlink_quietly(temporary)
+    _fsync_directory(final_dir)
+    return True
 
 
 def _fsync_directory(path: Path) -> None:
@@ -107,6 +165,32 @@ class Spool:
         """BLOCKING. Bytes available to unprivileged users on the file system of ``received/``."""
         stat = os.statvfs(self.received)
         return stat.f_bavail * stat.f_frsize
+
+    def list_received(self) -> list[str]:
+        """BLOCKING. The queue ids of the messages in ``received/``, sorted (= arrival order).
+
+        Only names that are queue ids (:func:`is_queue_id`) and not directories count.
+        Raises OSError when ``received/`` cannot be listed.
+        """
+        with os.scandir(self.received) as entries:
+            ids = [
+                entry.name
+                for entry in entries
+                if is_queue_id(entry.name) and not entry.is_dir(follow_symlinks=False)
+            ]
+        ids.sort()
+        return ids
+
+    def remove_received(self, queue_id: str) -> None:
+        """BLOCKING. Remove ``received/<id>`` -- its delivery is complete -- and fsync
+        ``received/``, so a restart does not deliver it again.  A file that is gone already
+        counts as removed.  Raises OSError; ValueError for a name that is not a queue id.
+        """
+        if not is_queue_id(queue_id):
+            raise ValueError("not a queue id")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.received / queue_id)
+        _fsync_directory(self.received)
 
     def open_message(self, queue_id: str, header: bytes) -> IncomingMessage:
         """Start a message: ``header`` (pre-header and Received header) goes first in the file.

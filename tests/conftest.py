@@ -197,16 +197,26 @@ StartServer = Callable[..., Awaitable[Server]]
 
 @pytest.fixture
 async def start_server(nursery: trio.Nursery) -> AsyncIterator[StartServer]:
-    """``await start_server(config, handle_signals=False)``: run app.run(config) in the test's
-    nursery; it is shut down (and must return) when the test ends."""
+    """``await start_server(config, handle_signals=False, deliver=False)``: run app.run(config)
+    in the test's nursery; it is shut down (and must return) when the test ends.
+
+    Without *deliver* no delivery task runs, so what the receiver wrote stays in received/ for
+    the test to look at; tests of delivery pass ``deliver=True``."""
     servers: list[Server] = []
 
-    async def start(config: Config, *, handle_signals: bool = False) -> Server:
+    async def start(
+        config: Config, *, handle_signals: bool = False, deliver: bool = False
+    ) -> Server:
         stopped = trio.Event()
 
         async def run(*, task_status: trio.TaskStatus[app.RunningServer]) -> None:
             try:
-                await app.run(config, handle_signals=handle_signals, task_status=task_status)
+                await app.run(
+                    config,
+                    handle_signals=handle_signals,
+                    deliver=deliver,
+                    task_status=task_status,
+                )
             finally:
                 stopped.set()
 

@@ -374,14 +374,17 @@ def test_serve_end_to_end(tmp_path: Path) -> None:
                 b"Subject: hello\r\n\r\nend to end\r\n",
             )
             assert refused == {}
+        server.wait_for("delivered id=")
         status = server.stop(signal.SIGTERM)
     finally:
         server.kill()
     assert status == 0, "\n".join(server.lines)
     assert not any("Traceback" in line for line in server.lines)
-    received = list((tmp_path / "spool" / "received").iterdir())
-    assert len(received) == 1
-    assert received[0].read_bytes().endswith(b"Subject: hello\r\n\r\nend to end\r\n")
+    assert list((tmp_path / "spool" / "received").iterdir()) == []
+    (delivered,) = (tmp_path / "domains" / "example.org" / "alice" / "new").iterdir()
+    data = delivered.read_bytes()
+    assert data.startswith(b"Return-Path: <bob@example.net>\r\nDelivered-To: alice@example.org\r\n")
+    assert data.endswith(b"Subject: hello\r\n\r\nend to end\r\n")
 
 
 def test_bare_katerchen_end_to_end(tmp_path: Path) -> None:
@@ -398,8 +401,11 @@ def test_bare_katerchen_end_to_end(tmp_path: Path) -> None:
         with smtplib.SMTP("127.0.0.1", 2525, timeout=DEADLINE) as client:
             assert client.ehlo()[0] == 250
             client.sendmail("", ["postmaster@localhost"], b"Subject: hi\r\n\r\nhi\r\n")
+        server.wait_for("delivered id=")
         status = server.stop(signal.SIGINT)
     finally:
         server.kill()
     assert status == 0, "\n".join(server.lines)
-    assert len(list((data / "spool" / "received").iterdir())) == 1
+    assert list((data / "spool" / "received").iterdir()) == []
+    (delivered,) = (data / "domains" / "localhost" / "postmaster" / "new").iterdir()
+    assert delivered.read_bytes().endswith(b"Subject: hi\r\n\r\nhi\r\n")

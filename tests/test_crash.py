@@ -1,5 +1,6 @@
 """Crash safety: SIGKILL the server while several clients send; every message that got 250 is in
-received/ intact, nothing partial is there, and a restart clears incoming/.
+received/ or already in its Maildir, intact, nothing partial is anywhere, and a restart clears
+incoming/ and delivers the rest, each message once.
 
 The server is the real thing, ``python -m katerchen serve --config FILE``, in a subprocess.
 The test is synchronous: the clients are threads with blocking sockets.
@@ -227,35 +228,72 @@ def test_sigkill_while_clients_send(tmp_path: Path) -> None:
         server.kill()
 
     stalled = b"Subject: stalled\r\n\r\n" + b"partial line\r\n" * 40_000
-    # Every acknowledged message is there, intact.
+    maildirs = [tmp_path / "domains" / "example.test" / name for name in ("alice", "bob")]
+    # Every acknowledged message is there, intact: still in received/, or already delivered.
     for queue_id, content in ledger.acknowledged.items():
-        data = (received / queue_id).read_bytes()
-        envelope, offset = Envelope.decode(data)
-        assert envelope.queue_id == queue_id
-        assert data.endswith(content)
-        assert data[offset:].startswith(b"Received: from ")
-        assert f"by {HOSTNAME} (katerchen)".encode() in data[offset : len(data) - len(content)]
+        message = stored_message(received, maildirs, queue_id)
+        assert message.endswith(content)
+        assert message.startswith(b"Received: from ")
+        assert f"by {HOSTNAME} (katerchen)".encode() in message[: len(message) - len(content)]
     # Nothing partial: every file decodes and holds one complete message that was sent.
     files = sorted(received.iterdir())
-    assert len(files) >= len(ledger.acknowledged) >= KILL_AFTER
+    delivered = [path for maildir in maildirs for path in maildir_files(maildir)]
+    assert len(files) + len(delivered) >= len(ledger.acknowledged) >= KILL_AFTER
     for path in files:
         data = path.read_bytes()
         envelope, offset = Envelope.decode(data)
         assert envelope.queue_id == path.name
-        body = data[offset:]
-        header_end = body.index(b"\r\n", body.index(b"; ")) + 2  # the Received date ends it
-        content = body[header_end:]
-        assert content in ledger.attempted, path.name
-        assert content != stalled
+        check_complete(data[offset:], ledger, stalled, path.name)
+    for path in delivered:
+        check_complete(without_delivery_headers(path.read_bytes()), ledger, stalled, path.name)
 
-    # A restart removes what was in flight from incoming/ and keeps received/.
-    before = sorted(p.name for p in received.iterdir())
+    # A restart removes what was in flight from incoming/, and delivers what is in received/.
     restarted = ServerProcess(config_file)
     try:
         restarted.port()
         assert list(incoming.iterdir()) == []
-        assert sorted(p.name for p in received.iterdir()) == before
+        deadline = time.monotonic() + TIMEOUT
+        while list(received.iterdir()):
+            assert time.monotonic() < deadline, "received/ was not delivered after the restart"
+            time.sleep(0.01)
         restarted.proc.send_signal(signal.SIGTERM)
         assert restarted.proc.wait(timeout=TIMEOUT) == 0
     finally:
         restarted.kill()
+    for queue_id in ledger.acknowledged:
+        copies = [p for m in maildirs for p in maildir_files(m) if f".K{queue_id}R" in p.name]
+        assert len(copies) == 1, queue_id
+
+
+def maildir_files(maildir: Path) -> list[Path]:
+    return [
+        path
+        for sub in ("new", "cur")
+        if (maildir / sub).is_dir()
+        for path in (maildir / sub).iterdir()
+    ]
+
+
+def without_delivery_headers(data: bytes) -> bytes:
+    """A delivered file without the Return-Path and Delivered-To lines delivery put on top."""
+    assert data.startswith(b"Return-Path: <"), data[:40]
+    return data.split(b"\r\n", 2)[2]
+
+
+def stored_message(received: Path, maildirs: list[Path], queue_id: str) -> bytes:
+    """The message (from the Received header on) with *queue_id*, wherever it is now."""
+    path = received / queue_id
+    if path.exists():
+        data = path.read_bytes()
+        envelope, offset = Envelope.decode(data)
+        assert envelope.queue_id == queue_id
+        return data[offset:]
+    (copy,) = [p for m in maildirs for p in maildir_files(m) if f".K{queue_id}R" in p.name]
+    return without_delivery_headers(copy.read_bytes())
+
+
+def check_complete(message: bytes, ledger: Ledger, stalled: bytes, name: str) -> None:
+    header_end = message.index(b"\r\n", message.index(b"; ")) + 2  # the Received date ends it
+    content = message[header_end:]
+    assert content in ledger.attempted, name
+    assert content != stalled

@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -330,3 +331,58 @@ def test_queue_id_time_part_is_arrival(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(spool_module, "_last_micros", 0)
     monkeypatch.setattr(time, "time_ns", lambda: 1_714_567_896_123_456_789)
     assert new_queue_id()[:14] == f"{1_714_567_896_123_456:014x}"
+
+
+# --- what delivery adds: write_file, list_received, remove_received --------------------------
+
+
+def test_write_file_is_durable_and_never_replaces(spool: Spool) -> None:
+    assert spool_module.write_file(spool.incoming, spool.relay, "abc", [b"one ", b"two"]) is True
+    assert (spool.relay / "abc").read_bytes() == b"one two"
+    assert stat.S_IMODE((spool.relay / "abc").stat().st_mode) & 0o007 == 0
+    # Written again under the same name (a repeat after a crash): the first one stays.
+    assert spool_module.write_file(spool.incoming, spool.relay, "abc", [b"other"]) is False
+    assert (spool.relay / "abc").read_bytes() == b"one two"
+    assert listing(spool.incoming) == []  # no temporary file left either way
+
+
+def test_write_file_failure_leaves_nothing(spool: Spool) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b"part"
+        raise OSError(errno.EIO, "the source broke")
+
+    with pytest.raises(OSError):
+        spool_module.write_file(spool.incoming, spool.relay, "abc", chunks())
+    assert listing(spool.incoming) == []
+    assert listing(spool.relay) == []
+    # A final directory that is not one: the link fails, the temporary file goes.
+    spool.relay.rmdir()
+    spool.relay.write_bytes(b"")
+    with pytest.raises(NotADirectoryError):
+        spool_module.write_file(spool.incoming, spool.relay, "abc", [b"x"])
+    assert listing(spool.incoming) == []
+
+
+def test_list_received_sorted_queue_ids_only(spool: Spool) -> None:
+    ids = [new_queue_id() for _ in range(3)]
+    for queue_id in reversed(ids):
+        (spool.received / queue_id).write_bytes(b"m")
+    (spool.received / ".hidden").write_bytes(b"")
+    (spool.received / "a.tmp").write_bytes(b"")
+    (spool.received / "subdir").mkdir()
+    assert spool.list_received() == ids
+    assert spool_module.is_queue_id(ids[0])
+    assert not spool_module.is_queue_id("a.tmp") and not spool_module.is_queue_id("x" * 65)
+
+
+def test_remove_received_is_idempotent(spool: Spool) -> None:
+    queue_id = new_queue_id()
+    (spool.received / queue_id).write_bytes(b"m")
+    spool.remove_received(queue_id)
+    assert listing(spool.received) == []
+    spool.remove_received(queue_id)  # gone already: fine
+    with pytest.raises(ValueError):
+        spool.remove_received("../escape")
+    break_received(spool)
+    with pytest.raises(OSError):
+        spool.list_received()
