@@ -18,7 +18,8 @@ Shutdown -- on SIGTERM or SIGINT, or :meth:`RunningServer.shutdown` -- is a sequ
 1. stop accepting (the listeners are closed);
 2. sessions idle between transactions get 421 4.3.2 and are closed; sessions inside a transaction
    may finish it, then get 421 4.3.2;
-3. after ``[server] shutdown_grace`` seconds whatever still runs is cancelled, which is safe
+3. after ``[server] shutdown_grace`` seconds the sessions still running are cut: each discards
+   its open message and says 421 4.3.2; then whatever still runs is cancelled, which is safe
    because nothing is acknowledged before it is durable in the spool;
 4. the delivery task, which went on delivering meanwhile, is cancelled: a delivery in progress
    finishes its thread hop, and whatever is left in ``received/`` waits for the next start;
@@ -39,7 +40,7 @@ from trio import TaskStatus
 from katerchen import maillog
 from katerchen.config import Config, format_address
 from katerchen.delivery import run_delivery
-from katerchen.receiver import Receiver
+from katerchen.receiver import GOODBYE_TIMEOUT, Receiver
 from katerchen.spool import Spool
 
 __all__ = ["DOORBELL_SIZE", "RunningServer", "run"]
@@ -133,6 +134,10 @@ async def run(
                     await receiver.wait_closed()
                 if grace.cancelled_caught:
                     maillog.event("shutdown-cancel", connections=receiver.connections)
+                    # Each cut session still says 421 4.3.2, within its own bound.
+                    receiver.force_close()
+                    with trio.move_on_after(2 * GOODBYE_TIMEOUT):
+                        await receiver.wait_closed()
                 handlers.cancel_scope.cancel()
             # Delivery went on while the connections drained; now it stops too.
             root.cancel_scope.cancel()

@@ -77,6 +77,8 @@ FREE_SPACE_TTL = 1.0
 
 #: Bound on the cleanup (discarding an open message) that runs shielded from cancellation.
 CLEANUP_TIMEOUT = 5.0
+#: Bound on the 421 sent to a session cut off when the shutdown grace period is over.
+GOODBYE_TIMEOUT = 1.0
 
 #: RFC 5321 4.2.2 550 / RFC 3463 X.1.3 bad destination mailbox address syntax: a local part that
 #: cannot name a mailbox directory.
@@ -208,6 +210,12 @@ class Receiver:
         if not self._sessions:
             self._all_closed.set()
 
+    def force_close(self) -> None:
+        """After :meth:`drain` and the grace period: cut every session still running; each
+        says 421 4.3.2 (bounded by ``GOODBYE_TIMEOUT``) and ends."""
+        for session in list(self._sessions):
+            session.force_close()
+
     async def wait_closed(self) -> None:
         """After :meth:`drain`: block until every session has ended."""
         if not self._draining:
@@ -245,6 +253,9 @@ class _Session:
     _out: list[bytes] = attrs.field(factory=list)  # replies not yet written
     _read_scope: trio.CancelScope | None = None  # set while blocked on a read
     _drain_interrupted: bool = False
+    _scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)  # the whole session
+    _forced: bool = False  # force_close() was called
+    _writing: bool = False  # inside send_all (a cut there leaves a partial reply behind)
     # The open transaction, as far as the spool needs it.
     _reverse_path: str = ""
     _body: str | None = None
@@ -263,6 +274,15 @@ class _Session:
         command_timeout = receiver.config.limits.command_timeout
         self._out.append(conn.send(conn.greeting()))
         command_deadline = trio.current_time() + command_timeout
+        with self._scope:
+            await self._serve(command_deadline)
+        if self._forced:
+            await self._say_goodbye()
+
+    async def _serve(self, command_deadline: float) -> None:
+        conn = self.conn
+        receiver = self.receiver
+        command_timeout = receiver.config.limits.command_timeout
         try:
             while True:
                 if receiver.draining and not conn.in_transaction:
@@ -298,6 +318,27 @@ class _Session:
                 with trio.CancelScope(shield=True, deadline=trio.current_time() + CLEANUP_TIMEOUT):
                     await trio.to_thread.run_sync(message.discard)
 
+    def force_close(self) -> None:
+        """Shutdown, grace period over: stop whatever the session does, discard its open
+        message, and tell the client 421 4.3.2 (it will retry what was not acknowledged)."""
+        self._forced = True
+        self._scope.cancel()
+
+    async def _say_goodbye(self) -> None:
+        """The 421 after :meth:`force_close`, behind any reply already due (a 250 for a message
+        committed just before the cut must still reach the client).  Skipped when a write was
+        cut in the middle: more bytes would only garble the reply stream."""
+        if self._writing:
+            return
+        self._out.append(self.conn.send(replies.shutting_down(self.receiver.settings.hostname)))
+        data = b"".join(self._out)
+        self._out.clear()
+        with (
+            trio.CancelScope(shield=True, deadline=trio.current_time() + GOODBYE_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await self.stream.send_all(data)
+
     def interrupt_if_idle(self) -> None:
         """Shutdown: cut short a read that waits for a command outside any transaction."""
         if self._read_scope is not None and not self.conn.in_transaction:
@@ -312,7 +353,9 @@ class _Session:
         data = b"".join(self._out)
         self._out.clear()
         with trio.move_on_after(self.receiver.config.limits.command_timeout):
+            self._writing = True
             await self.stream.send_all(data)
+            self._writing = False
             return
         maillog.event("timeout", ip=self.ip, stage="write")
         raise _Hangup

@@ -229,6 +229,8 @@ async def test_shutdown_grace_expires(start_server: StartServer, make_config: Ma
     server.running.shutdown()
     with trio.fail_after(TIMEOUT):
         await server.stopped.wait()
+    # Cut off, but told so: 421 4.3.2 (the "answer 421 4.3.2 to the rest").
+    await stalled.expect("421 4.3.2")
     await stalled.expect_closed()
     assert server.received() == []
     assert server.incoming() == []  # discarded on cancellation
@@ -247,6 +249,7 @@ async def test_shutdown_grace_zero(start_server: StartServer, make_config: MakeC
     server.running.shutdown()
     with trio.fail_after(TIMEOUT):
         await server.stopped.wait()
+    await busy.expect("421 4.3.2")
     await busy.expect_closed()
 
 
