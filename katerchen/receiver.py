@@ -265,6 +265,7 @@ class _Session:
     _spool_failed: bool = False  # the message could not be written: its end gets 451
     _data_verb: str = "BDAT"  # for the log: "DATA" once a DataStart was seen
     _data_deadline: float | None = None
+    _relay: bool = False  # the transaction has a remote recipient (allowed by _may_relay)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -481,10 +482,17 @@ class _Session:
             maillog.error("routing-error", ip=self.ip, error=exc)
             return replies.LOCAL_ERROR
         if resolution.refusal is not None:
-            return RCPT_REFUSALS[resolution.refusal]
+            if resolution.refusal is not Route.RELAY_DENIED or not self._may_relay():
+                return RCPT_REFUSALS[resolution.refusal]
+            self._relay = True  # a remote recipient this client may send to
         # The envelope keeps the recipient as sent: delivery resolves it again when it runs.
         self._recipients.append(str(address))
         return reply
+
+    def _may_relay(self) -> bool:
+        """Whether this client may send to domains we do not serve: never, until the relay
+        (trusted networks) and AUTH (authenticated sessions) say otherwise."""
+        return False
 
     def _open_message(self) -> bool:
         """Start the spool file in memory: pre-header and Received header.  False (logged) when
@@ -582,6 +590,7 @@ class _Session:
         self._body = None
         self._smtputf8 = False
         self._recipients = []
+        self._relay = False
         self._spool_failed = False
         self._data_deadline = None
         self._data_verb = "BDAT"
