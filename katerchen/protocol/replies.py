@@ -81,27 +81,36 @@ def greeting(hostname: str) -> Reply:
     return Reply(220, None, f"{hostname} ESMTP katerchen")
 
 
-def ehlo(hostname: str, name: str, *, max_message_size: int) -> Reply:
+def ehlo(
+    hostname: str,
+    name: str,
+    *,
+    max_message_size: int,
+    starttls: bool = False,
+    auth: tuple[str, ...] = (),
+) -> Reply:
     """RFC 5321 4.1.1.1: the EHLO reply and the extensions katerchen offers (RFC 5321 4.1.4).
 
     SIZE (RFC 1870), 8BITMIME (RFC 6152), PIPELINING (RFC 2920), CHUNKING and BINARYMIME
-    (RFC 3030), ENHANCEDSTATUSCODES (RFC 2034), SMTPUTF8 (RFC 6531). No enhanced code
-    (RFC 2034 section 3).
+    (RFC 3030), ENHANCEDSTATUSCODES (RFC 2034), SMTPUTF8 (RFC 6531); STARTTLS (RFC 3207) when
+    ``starttls``, and AUTH with the SASL mechanisms in ``auth`` (RFC 4954 section 3) when there
+    are any. No enhanced code (RFC 2034 section 3).
     """
-    return Reply(
-        250,
-        None,
-        (
-            _hello_line(hostname, name),
-            f"SIZE {max_message_size}",
-            "8BITMIME",
-            "PIPELINING",
-            "CHUNKING",
-            "BINARYMIME",
-            "ENHANCEDSTATUSCODES",
-            "SMTPUTF8",
-        ),
-    )
+    lines = [
+        _hello_line(hostname, name),
+        f"SIZE {max_message_size}",
+        "8BITMIME",
+        "PIPELINING",
+        "CHUNKING",
+        "BINARYMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+    ]
+    if starttls:
+        lines.append("STARTTLS")
+    if auth:
+        lines.append("AUTH " + " ".join(auth))
+    return Reply(250, None, tuple(lines))
 
 
 def helo(hostname: str, name: str) -> Reply:
@@ -143,8 +152,8 @@ def chunk_received(size: int) -> Reply:
 
 #: RFC 5321 4.2.4: the command word is not one this server knows.
 UNKNOWN_COMMAND: Final = Reply(500, "5.5.2", "Error: command not recognized")
-#: RFC 5321 4.2.4: 502 for a command that is known but not offered here (STARTTLS and AUTH until
-#: TLS is configured, and the old or optional verbs).
+#: RFC 5321 4.2.4: 502 for a command that is known but not offered here (STARTTLS and AUTH when
+#: the settings do not offer them, and the old or optional verbs).
 NOT_IMPLEMENTED: Final = Reply(502, "5.5.1", "Error: command not implemented")
 #: RFC 5321 4.2.4: an empty command line.
 EMPTY_COMMAND: Final = Reply(500, "5.5.2", "Error: bad syntax")
@@ -207,6 +216,59 @@ RCPT_AFTER_BDAT: Final = Reply(503, "5.5.1", "Error: RCPT after BDAT")
 DATA_AFTER_BDAT: Final = Reply(503, "5.5.1", "Error: DATA after BDAT")
 #: RFC 3030 section 3: BODY=BINARYMIME content can only be sent with BDAT.
 BINARYMIME_NEEDS_BDAT: Final = Reply(503, "5.5.1", "Error: BODY=BINARYMIME needs BDAT")
+
+#: RFC 4954 section 4 ("AUTH command is not permitted during a mail transaction") and RFC 3207
+#: (STARTTLS resets the session, so it is refused inside a transaction as Postfix does).
+TRANSACTION_IN_PROGRESS: Final = Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+
+# --- STARTTLS (RFC 3207) ---------------------------------------------------------------------
+
+#: RFC 3207 section 4: the go-ahead; the TLS handshake starts right after this line.
+READY_FOR_TLS: Final = Reply(220, "2.0.0", "Ready to start TLS")
+#: RFC 3207 section 4: 454 when TLS cannot be started now (e.g. no certificate loaded).
+TLS_UNAVAILABLE: Final = Reply(454, "4.7.0", "Error: TLS not available due to temporary reason")
+#: RFC 3207 section 4.2 stops offering STARTTLS once TLS is active; a STARTTLS anyway is out of
+#: sequence, so 503 (RFC 5321 4.2.4) rather than Postfix's 554.
+TLS_ALREADY_ACTIVE: Final = Reply(503, "5.5.1", "Error: TLS already active")
+
+# --- AUTH (RFC 4954) -------------------------------------------------------------------------
+
+#: RFC 4954 section 4: the empty challenge that asks for the PLAIN response (RFC 4616).
+PLAIN_CHALLENGE: Final = Reply(334, None, "")
+#: The LOGIN mechanism (draft-murchison-sasl-login): base64 "Username:" and "Password:".
+LOGIN_USERNAME: Final = Reply(334, None, "VXNlcm5hbWU6")
+LOGIN_PASSWORD: Final = Reply(334, None, "UGFzc3dvcmQ6")
+#: RFC 4954 section 6: the credentials were accepted.
+AUTH_SUCCEEDED: Final = Reply(235, "2.7.0", "Authentication successful")
+#: RFC 4954 section 6: 535 5.7.8, the credentials were wrong.
+AUTH_FAILED: Final = Reply(535, "5.7.8", "Error: authentication credentials invalid")
+#: RFC 4954 section 6: 454 4.7.0, the credentials could not be checked now.
+AUTH_TEMPORARY_FAILURE: Final = Reply(454, "4.7.0", "Error: temporary authentication failure")
+#: RFC 4954 section 6: 538 5.7.11, AUTH before TLS.
+ENCRYPTION_REQUIRED: Final = Reply(
+    538, "5.7.11", "Error: encryption required for requested authentication mechanism"
+)
+#: RFC 4954 section 6: 530 5.7.0, MAIL before AUTH where policy requires it (RFC 6409 4.3).
+AUTH_REQUIRED: Final = Reply(530, "5.7.0", "Error: authentication required")
+#: RFC 4954 section 4: the client cancelled the exchange with "*".
+AUTH_CANCELLED: Final = Reply(501, "5.0.0", "Error: authentication cancelled")
+#: RFC 4954 section 4: a response that is not base64, or (RFC 4616) a malformed PLAIN message.
+BAD_AUTH_RESPONSE: Final = Reply(501, "5.5.2", "Error: cannot decode authentication response")
+#: RFC 4954 section 4: 504 5.5.4 for a mechanism the server does not offer.
+UNSUPPORTED_MECHANISM: Final = Reply(504, "5.5.4", "Error: unsupported authentication mechanism")
+#: RFC 4954 section 4: AUTH once a session is authenticated.
+ALREADY_AUTHENTICATED: Final = Reply(503, "5.5.1", "Error: already authenticated")
+#: RFC 4954 section 5: the MAIL AUTH= value is not xtext (RFC 3461 4).
+BAD_AUTH_PARAMETER: Final = Reply(501, "5.5.4", "Error: bad AUTH value")
+
+
+def auth_locked_out(hostname: str) -> Reply:
+    """Too many failed AUTH attempts from this client: 421 4.7.0 (as RFC 4954 section 6
+    suggests for temporary refusals) and the connection is closed (RFC 5321 3.8)."""
+    return Reply(
+        421, "4.7.0", f"{hostname} Error: too many failed authentication attempts", close=True
+    )
+
 
 # --- transaction limits --------------------------------------------------------------------
 

@@ -30,11 +30,31 @@ Three byte-level readers sit under the table:
 - BDAT chunks (``_read_bdat``): exactly the announced octets, byte-exact.
 
 The only other per-connection state is the transaction (sender parameters, recipient count,
-message size) and the error count that ends abusive sessions.
+message size), the error count that ends abusive sessions, whether the connection is TLS and
+who authenticated.
+
+STARTTLS and AUTH
+-----------------
+
+STARTTLS (RFC 3207) is a command whose accepting reply switches protocols, as an HTTP Upgrade
+does in h11: once the 220 is sent the session enters ``TLS`` (in the table), every byte buffered
+behind the STARTTLS line is thrown away, ``receive_data`` throws away whatever it is given and
+``next_event`` says ``PAUSED`` until the I/O layer calls :meth:`ServerConnection.tls_started`
+after its handshake. That is the whole defence against the command injection of CVE-2011-0411:
+plaintext sent before the handshake can never be read as a command. ``tls_started`` forgets
+everything the client said (RFC 3207 4.2) and starts over at ``GREETED``.
+
+AUTH (RFC 4954) runs in ``READY``: a 334 challenge (:class:`AuthChallenge`) switches the reader to
+one SASL response line (``_read_sasl``), which is never parsed as a command, and the completed
+exchange becomes an :class:`AuthRequest` for the I/O layer to verify. Only PLAIN (RFC 4616) and
+LOGIN exist here, neither with a security layer, so a success changes nothing but
+:attr:`ServerConnection.authenticated`. Offering them is the settings' business (see
+:class:`ServerSettings`); whether a command is offered is checked before the table is asked.
 """
 
 from __future__ import annotations
 
+import binascii
 import enum
 import re
 from collections.abc import Callable
@@ -48,8 +68,11 @@ from katerchen.protocol import replies
 from katerchen.protocol.replies import Reply
 
 __all__ = [
+    "AUTH_MECHANISMS",
     "NEED_DATA",
     "PAUSED",
+    "AuthChallenge",
+    "AuthRequest",
     "ChunkEnd",
     "ConnectionClosed",
     "DataChunk",
@@ -66,6 +89,8 @@ __all__ = [
     "Sentinel",
     "ServerConnection",
     "ServerSettings",
+    "StartTLS",
+    "received_with",
 ]
 
 
@@ -89,9 +114,29 @@ NEED_DATA: Final = Sentinel.NEED_DATA
 PAUSED: Final = Sentinel.PAUSED
 
 
+#: The SASL mechanisms this side implements, in the order they are advertised.
+AUTH_MECHANISMS: Final = ("PLAIN", "LOGIN")
+
+
+def _mechanisms(value: tuple[str, ...]) -> tuple[str, ...]:
+    wanted = {mechanism.upper() for mechanism in value}
+    unknown = wanted - set(AUTH_MECHANISMS)
+    if unknown:
+        raise ValueError(f"unsupported SASL mechanisms: {sorted(unknown)}")
+    return tuple(mechanism for mechanism in AUTH_MECHANISMS if mechanism in wanted)
+
+
 @attrs.frozen
 class ServerSettings:
-    """What the server side needs to know. ``bare_newline`` is "normalize" or "reject"."""
+    """What the server side needs to know. ``bare_newline`` is "normalize" or "reject".
+
+    ``starttls``: offer STARTTLS (until the connection is TLS). ``auth_mechanisms``: the SASL
+    mechanisms to offer, some of :data:`AUTH_MECHANISMS` (upper-cased and put in that order);
+    empty means AUTH is not offered at all (502). ``tls``: the connection is TLS from its first
+    byte (RFC 8314 implicit TLS). ``require_tls_for_auth``: AUTH is only advertised and accepted
+    on a TLS connection (538 5.7.11 before). ``require_auth``: MAIL needs a successful AUTH
+    first (530 5.7.0), as on a submission port (RFC 6409 4.3).
+    """
 
     hostname: str
     max_message_size: int
@@ -100,6 +145,24 @@ class ServerSettings:
         default="normalize", validator=attrs.validators.in_(("normalize", "reject"))
     )
     max_errors: int = 10
+    starttls: bool = False
+    auth_mechanisms: tuple[str, ...] = attrs.field(default=(), converter=_mechanisms)
+    tls: bool = False
+    require_tls_for_auth: bool = True
+    require_auth: bool = False
+
+
+def received_with(*, extended: bool, tls: bool, authenticated: bool, smtputf8: bool) -> str:
+    """The "with" keyword of a Received header field for a message received this way.
+
+    RFC 3848 registers ESMTPS (TLS), ESMTPA (AUTH) and ESMTPSA (both); RFC 6531 3.7.3 adds
+    UTF8SMTP, UTF8SMTPS, UTF8SMTPA and UTF8SMTPSA for SMTPUTF8 transactions. A HELO session
+    is plain "SMTP" (there is no keyword for TLS or AUTH without ESMTP).
+    """
+    if not extended:
+        return "SMTP"
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if authenticated else "")
 
 
 # --- events ----------------------------------------------------------------------------------
@@ -177,6 +240,45 @@ class DataEnd:
 
 
 @attrs.frozen
+class StartTLS:
+    """STARTTLS: the proposed reply is 220 2.0.0. Once a 2xx reply is sent, bytes buffered
+    after the command are discarded and the connection waits (``PAUSED``) until the I/O layer
+    has done the TLS handshake and calls :meth:`ServerConnection.tls_started`."""
+
+    reply: Reply
+
+
+@attrs.frozen
+class AuthChallenge:
+    """AUTH needs a (further) SASL response: the proposed reply is the 334 challenge.
+
+    Sending it reads the next line as the client's response; any other reply (a lockout 421,
+    a 454) ends the exchange.
+    """
+
+    mechanism: str
+    reply: Reply
+
+
+@attrs.frozen
+class AuthRequest:
+    """AUTH is complete: verify the credentials. The proposed reply is 235 2.7.0; once a 2xx
+    is sent, :attr:`ServerConnection.authenticated` is ``username``. Refuse with 535 5.7.8
+    (wrong credentials), 454 4.7.0 or 421 4.7.0.
+
+    ``authzid`` is the PLAIN authorization identity, "" when none was given; one other than
+    ``username`` (compared case-insensitively) is refused by the protocol, so the I/O layer
+    never sees it. ``password`` is kept out of ``repr``.
+    """
+
+    mechanism: str
+    authzid: str
+    username: str
+    password: str = attrs.field(repr=False)
+    reply: Reply
+
+
+@attrs.frozen
 class Reset:
     """RSET: the transaction, if any, is abandoned."""
 
@@ -207,6 +309,9 @@ class ConnectionClosed:
 
 Event: TypeAlias = (
     Hello
+    | StartTLS
+    | AuthChallenge
+    | AuthRequest
     | MailFrom
     | RcptTo
     | DataStart
@@ -233,6 +338,7 @@ class _State(enum.Enum):
     RCPT = "rcpt"  # at least one RCPT accepted
     DATA = "data"  # 354 sent: the bytes are message content
     BDAT = "bdat"  # at least one BDAT chunk accepted
+    TLS = "tls"  # 220 to STARTTLS sent: nothing is read until tls_started()
     CLOSED = "closed"
 
 
@@ -247,6 +353,8 @@ class _Command(enum.Enum):
     END = "END"  # end of message: CRLF.CRLF after DATA, or the BDAT ... LAST chunk
     RSET = "RSET"
     QUIT = "QUIT"
+    STARTTLS = "STARTTLS"
+    AUTH = "AUTH"  # taken when the AuthRequest gets its 2xx; the SASL exchange runs in READY
 
 
 _S = _State
@@ -264,6 +372,8 @@ _TRANSITIONS: Final[dict[_State, dict[_Command, _State | Reply]]] = {
         _C.RCPT: replies.NEED_MAIL,
         _C.DATA: replies.NEED_RCPT,
         _C.BDAT: replies.NEED_RCPT,
+        _C.STARTTLS: replies.NEED_HELLO,
+        _C.AUTH: replies.NEED_HELLO,
     },
     _S.READY: {
         _C.HELLO: _S.READY,
@@ -273,6 +383,8 @@ _TRANSITIONS: Final[dict[_State, dict[_Command, _State | Reply]]] = {
         _C.RCPT: replies.NEED_MAIL,
         _C.DATA: replies.NEED_RCPT,
         _C.BDAT: replies.NEED_RCPT,
+        _C.STARTTLS: _S.TLS,
+        _C.AUTH: _S.READY,
     },
     _S.MAIL: {
         _C.HELLO: _S.READY,
@@ -282,6 +394,8 @@ _TRANSITIONS: Final[dict[_State, dict[_Command, _State | Reply]]] = {
         _C.RCPT: _S.RCPT,
         _C.DATA: replies.NEED_RCPT,
         _C.BDAT: replies.NEED_RCPT,
+        _C.STARTTLS: replies.TRANSACTION_IN_PROGRESS,
+        _C.AUTH: replies.TRANSACTION_IN_PROGRESS,
     },
     _S.RCPT: {
         _C.HELLO: _S.READY,
@@ -292,6 +406,8 @@ _TRANSITIONS: Final[dict[_State, dict[_Command, _State | Reply]]] = {
         _C.DATA: _S.DATA,
         _C.BDAT: _S.BDAT,
         _C.END: _S.READY,  # BDAT 0 LAST, or a first chunk that is also the last
+        _C.STARTTLS: replies.TRANSACTION_IN_PROGRESS,
+        _C.AUTH: replies.TRANSACTION_IN_PROGRESS,
     },
     _S.BDAT: {
         _C.HELLO: _S.READY,
@@ -302,9 +418,13 @@ _TRANSITIONS: Final[dict[_State, dict[_Command, _State | Reply]]] = {
         _C.DATA: replies.DATA_AFTER_BDAT,
         _C.BDAT: _S.BDAT,
         _C.END: _S.READY,
+        _C.STARTTLS: replies.TRANSACTION_IN_PROGRESS,
+        _C.AUTH: replies.TRANSACTION_IN_PROGRESS,
     },
     # No commands are read in DATA: only the end of the content leaves it.
     _S.DATA: {_C.END: _S.READY},
+    # Nor while the TLS handshake is under way: only tls_started() leaves TLS (for GREETED).
+    _S.TLS: {},
     _S.CLOSED: {},
 }
 
@@ -321,6 +441,8 @@ _COMMAND_OF_EVENT: Final[dict[type, _Command]] = {
     DataEnd: _C.END,
     Reset: _C.RSET,
     Quit: _C.QUIT,
+    StartTLS: _C.STARTTLS,
+    AuthRequest: _C.AUTH,
 }
 
 _NO_REPLY: Final = (DataChunk, ConnectionClosed)
@@ -333,18 +455,20 @@ _COMMAND_LINE_LIMIT: Final = 512
 # 3.4 SMTPUTF8 adds 10, and " BODY=BINARYMIME" (RFC 1652/3030, no number given) is 16 octets.
 # RCPT gets the same limit: its path may be as long as MAIL's.
 _MAIL_LINE_LIMIT: Final = _COMMAND_LINE_LIMIT + 26 + 10 + 16
+# RFC 4954 section 5: while AUTH is offered, MAIL may be 500 octets longer (its AUTH= parameter).
+_AUTH_PARAMETER_EXTRA: Final = 500
 # An LF at an index >= this ends a line that is too long for any command, so the reader stops
 # buffering there and skips to the line's end.
-_MAX_LINE_BUFFER: Final = _MAIL_LINE_LIMIT
+_MAX_LINE_BUFFER: Final = _MAIL_LINE_LIMIT + _AUTH_PARAMETER_EXTRA
+# RFC 4954 section 4: a SASL response line may be 12288 octets long (with its CRLF).
+_AUTH_LINE_LIMIT: Final = 12288
 # Enough of a skipped line to know its command word.
 _PREFIX: Final = 16
 
 _TERMINATOR: Final = b"\r\n.\r\n"
 #: Verbs of RFC 5321 and its extensions that this server knows but does not offer (RFC 5321
 #: 4.2.4: 502, not 500, so a client can tell "not here" from "garbled").
-_KNOWN_UNOFFERED: Final = frozenset(
-    (b"STARTTLS", b"AUTH", b"TURN", b"ETRN", b"ATRN", b"SEND", b"SOML", b"SAML", b"VERB")
-)
+_KNOWN_UNOFFERED: Final = frozenset((b"TURN", b"ETRN", b"ATRN", b"SEND", b"SOML", b"SAML", b"VERB"))
 
 _HTTP_VERBS: Final = frozenset(
     {b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS", b"DELETE", b"PATCH", b"TRACE"}
@@ -359,10 +483,59 @@ class _Reader(enum.Enum):
     LONG_LINE = "long line"  # skipping the rest of a line that is too long
     DATA = "data"
     BDAT = "bdat"
+    SASL = "sasl"  # one SASL response line, after a 334
 
 
 def _verb_name(verb: bytes) -> str:
-    return verb[:_PREFIX].decode("ascii", "replace")
+    """``Respond.verb`` for a command word: the word if it is one this server knows, "" for an
+    empty line, else "?". An unknown word is never echoed: it may be a SASL response (a base64
+    password) that a client sent after its AUTH was refused, and Respond.verb gets logged."""
+    if verb in _KNOWN_VERBS:
+        return verb.decode("ascii")
+    return "?" if verb else ""
+
+
+def _decode_sasl(response: bytes) -> bytes | None:
+    """A base64 SASL response (RFC 4954 section 4), "=" for an empty one; None if invalid."""
+    if response == b"=":
+        return b""
+    try:
+        return binascii.a2b_base64(response, strict_mode=True)
+    except binascii.Error:
+        return None
+
+
+def _sasl_text(data: bytes, *, name: bool) -> str | None:
+    """A decoded SASL field as text: UTF-8 without NUL (RFC 4616 UTF8SAFE); a ``name`` also
+    without control characters (it reaches logs). None when it is neither."""
+    if b"\0" in data:
+        return None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if name and _CONTROL_RE.search(text):
+        return None
+    return text
+
+
+def _xtext_valid(value: str) -> bool:
+    """RFC 3461 section 4: xtext is printable ASCII but "+" and "=", or "+" and two upper-case
+    hex digits."""
+    index = 0
+    length = len(value)
+    while index < length:
+        char = value[index]
+        if char == "+":
+            hexchars = value[index + 1 : index + 3]
+            if len(hexchars) != 2 or any(c not in "0123456789ABCDEF" for c in hexchars):
+                return False
+            index += 3
+            continue
+        if not ("!" <= char <= "~") or char == "=":
+            return False
+        index += 1
+    return True
 
 
 def _held_back(buf: bytearray) -> int:
@@ -380,7 +553,8 @@ class ServerConnection:
     """One SMTP session, server side (see the module docstring for how to drive it).
 
     Properties beyond the events: :attr:`in_transaction`, :attr:`receiving_data`,
-    :attr:`hello_name` and :attr:`extended`.
+    :attr:`hello_name`, :attr:`extended`, :attr:`tls`, :attr:`awaiting_tls` and
+    :attr:`authenticated`.
     """
 
     def __init__(self, settings: ServerSettings) -> None:
@@ -394,6 +568,12 @@ class ServerConnection:
         self._errors = 0
         self._hello_name: str | None = None
         self._extended = False
+        self._tls = settings.tls
+        self._authenticated: str | None = None
+        # The SASL exchange: the mechanism whose 334 challenge is pending or sent, and the
+        # LOGIN user name once given. Never a password.
+        self._sasl_mechanism: str | None = None
+        self._sasl_username: str | None = None
         self._long_line_prefix = b""
         # The transaction.
         self._rcpt_count = 0
@@ -431,21 +611,69 @@ class ServerConnection:
         """True when the session was opened with EHLO (ESMTP), False for HELO or none."""
         return self._extended
 
+    @property
+    def tls(self) -> bool:
+        """True when the connection is TLS: from the start (``settings.tls``) or since
+        :meth:`tls_started`."""
+        return self._tls
+
+    @property
+    def awaiting_tls(self) -> bool:
+        """True from the accepting reply to STARTTLS until :meth:`tls_started`."""
+        return self._state is _S.TLS
+
+    @property
+    def authenticated(self) -> str | None:
+        """The user name of the accepted AUTH (``AuthRequest.username``), or None."""
+        return self._authenticated
+
+    def received_with(self, *, smtputf8: bool) -> str:
+        """The Received "with" keyword for a message of this session (see
+        :func:`received_with`); ``smtputf8`` is whether its MAIL had SMTPUTF8."""
+        return received_with(
+            extended=self._extended,
+            tls=self._tls,
+            authenticated=self._authenticated is not None,
+            smtputf8=smtputf8,
+        )
+
+    def tls_started(self) -> None:
+        """The TLS handshake after STARTTLS succeeded: start the session over, as TLS.
+
+        RFC 3207 4.2: everything learnt from the client before is forgotten (the EHLO name,
+        any authentication); the client must send EHLO again. Raises
+        :class:`LocalProtocolError` unless a 220 to STARTTLS was sent and this is the first
+        call since.
+        """
+        if self._state is not _S.TLS:
+            raise LocalProtocolError("tls_started() without an accepted STARTTLS")
+        self._buf.clear()
+        self._tls = True
+        self._hello_name = None
+        self._extended = False
+        self._authenticated = None
+        self._enter(_S.GREETED)
+
     def greeting(self) -> Reply:
         """The 220 greeting to send (through :meth:`send`) when the connection opens."""
         return replies.greeting(self._settings.hostname)
 
     def receive_data(self, data: bytes) -> None:
-        """Add bytes read from the peer; ``b""`` means the peer closed its side (EOF)."""
+        """Add bytes read from the peer; ``b""`` means the peer closed its side (EOF).
+
+        While :attr:`awaiting_tls`, bytes are discarded: they were sent in the clear before
+        the handshake (RFC 3207 section 5, CVE-2011-0411).
+        """
         if self._eof or self._state is _S.CLOSED:
             return
-        if data:
-            self._buf += data
-        else:
+        if not data:
             self._eof = True
+        elif self._state is not _S.TLS:
+            self._buf += data
 
     def next_event(self) -> Event | Sentinel:
-        """The next event, or ``NEED_DATA`` (read more), or ``PAUSED`` (send a reply first)."""
+        """The next event, or ``NEED_DATA`` (read more), or ``PAUSED`` (send a reply first;
+        or, while :attr:`awaiting_tls`, do the handshake and call :meth:`tls_started`)."""
         if self._pending is not None:
             return PAUSED
         event = self._queued
@@ -453,6 +681,11 @@ class ServerConnection:
             self._queued = None
         elif self._state is _S.CLOSED:
             return ConnectionClosed()
+        elif self._state is _S.TLS:
+            if self._eof:
+                self._close()
+                return ConnectionClosed()
+            return PAUSED
         else:
             event = self._read()
             if event is None:
@@ -493,6 +726,12 @@ class ServerConnection:
     # --- state changes -----------------------------------------------------------------------
 
     def _apply(self, event: Event, reply: Reply) -> None:
+        if isinstance(event, AuthChallenge):
+            if reply.code == 334:
+                self._reader = _Reader.SASL
+            else:  # refused (a lockout, say): the exchange is over
+                self._end_sasl()
+            return
         command = _COMMAND_OF_EVENT.get(type(event))
         if command is None:  # Respond: the protocol's own answer changes nothing
             return
@@ -515,6 +754,12 @@ class ServerConnection:
             self._reader = _Reader.DATA
             self._data_fresh = True
             self._line_start = True
+        elif isinstance(event, StartTLS):
+            # CVE-2011-0411: whatever the client sent behind STARTTLS was sent in the clear
+            # and must never be executed after the handshake.
+            self._buf.clear()
+        elif isinstance(event, AuthRequest):
+            self._authenticated = event.username
         self._enter(target)
 
     def _enter(self, state: _State) -> None:
@@ -534,10 +779,20 @@ class ServerConnection:
         self._reader = _Reader.LINE
         self._queued = None
         self._buf.clear()
+        self._end_sasl()
+
+    def _end_sasl(self) -> None:
+        self._sasl_mechanism = None
+        self._sasl_username = None
+
+    def _auth_offered(self) -> bool:
+        """Whether AUTH is advertised now (and MAIL's AUTH= parameter accepted)."""
+        settings = self._settings
+        return bool(settings.auth_mechanisms) and (self._tls or not settings.require_tls_for_auth)
 
     def _check(self, command: _Command) -> Reply | None:
         """The 503 reply if the table refuses ``command`` now, else None."""
-        # No command line is read in DATA or CLOSED, so every lookup here finds its entry.
+        # No command line is read in DATA, TLS or CLOSED, so every lookup here finds its entry.
         move = _TRANSITIONS[self._state].get(command, replies.NEED_HELLO)
         return move if isinstance(move, Reply) else None
 
@@ -551,6 +806,8 @@ class ServerConnection:
             return self._read_data()
         if reader is _Reader.BDAT:
             return self._read_bdat()
+        if reader is _Reader.SASL:
+            return self._read_sasl()
         return self._read_long_line()
 
     def _read_line(self) -> Event | None:
@@ -594,7 +851,14 @@ class ServerConnection:
         refusal = self._early_refusal(verb)
         if refusal is not None:
             return refusal
-        limit = _MAIL_LINE_LIMIT if verb == b"MAIL" or verb == b"RCPT" else _COMMAND_LINE_LIMIT
+        if verb == b"MAIL":
+            limit = _MAIL_LINE_LIMIT
+            if self._auth_offered():
+                limit += _AUTH_PARAMETER_EXTRA
+        elif verb == b"RCPT":
+            limit = _MAIL_LINE_LIMIT
+        else:
+            limit = _COMMAND_LINE_LIMIT
         if len(line) + 2 > limit:
             return Respond(_verb_name(verb), replies.LINE_TOO_LONG)
         if b"\0" in line:
@@ -629,7 +893,13 @@ class ServerConnection:
             return Respond(verb, replies.BAD_HELLO_NAME)
         settings = self._settings
         if extended:
-            reply = replies.ehlo(settings.hostname, arg, max_message_size=settings.max_message_size)
+            reply = replies.ehlo(
+                settings.hostname,
+                arg,
+                max_message_size=settings.max_message_size,
+                starttls=settings.starttls and not self._tls,
+                auth=settings.auth_mechanisms if self._auth_offered() else (),
+            )
         else:
             reply = replies.helo(settings.hostname, arg)
         return Hello(arg, extended, reply)
@@ -644,6 +914,8 @@ class ServerConnection:
         refusal = self._check(_C.MAIL)
         if refusal is not None:
             return Respond("MAIL", refusal)
+        if self._settings.require_auth and self._authenticated is None:
+            return Respond("MAIL", replies.AUTH_REQUIRED)
         if arg[:5].upper() != "FROM:" or not arg[5:].strip(" "):
             return Respond("MAIL", replies.syntax("MAIL FROM:<address>"))
         try:
@@ -678,6 +950,11 @@ class ServerConnection:
                     if equals:
                         return Respond("MAIL", replies.BAD_SMTPUTF8)
                     smtputf8 = True
+                elif keyword == "AUTH" and self._auth_offered():
+                    # RFC 4954 section 5: the original submitter, xtext-encoded, or <>. It
+                    # vouches for nothing here, so it is checked and dropped.
+                    if not equals or not _xtext_valid(value):
+                        return Respond("MAIL", replies.BAD_AUTH_PARAMETER)
                 else:
                     return Respond("MAIL", replies.UNKNOWN_PARAMETER)
             if size is not None and size > self._settings.max_message_size:
@@ -769,6 +1046,114 @@ class ServerConnection:
         if arg:
             return Respond("QUIT", replies.syntax("QUIT"))
         return Quit(replies.BYE)
+
+    def _starttls(self, arg: str) -> Event:
+        if self._tls:
+            return Respond("STARTTLS", replies.TLS_ALREADY_ACTIVE)
+        if not self._settings.starttls:
+            return Respond("STARTTLS", replies.NOT_IMPLEMENTED)
+        refusal = self._check(_C.STARTTLS)
+        if refusal is not None:
+            return Respond("STARTTLS", refusal)
+        if arg:
+            return Respond("STARTTLS", replies.syntax("STARTTLS"))
+        return StartTLS(replies.READY_FOR_TLS)
+
+    def _auth(self, arg: str) -> Event:
+        settings = self._settings
+        if not settings.auth_mechanisms:
+            return Respond("AUTH", replies.NOT_IMPLEMENTED)
+        refusal = self._check(_C.AUTH)
+        if refusal is not None:
+            return Respond("AUTH", refusal)
+        if not self._auth_offered():
+            return Respond("AUTH", replies.ENCRYPTION_REQUIRED)
+        if self._authenticated is not None:
+            return Respond("AUTH", replies.ALREADY_AUTHENTICATED)
+        words = [word for word in arg.split(" ") if word]
+        if not 1 <= len(words) <= 2:
+            return Respond("AUTH", replies.syntax("AUTH mechanism [initial-response]"))
+        mechanism = words[0].upper()
+        if mechanism not in settings.auth_mechanisms:
+            return Respond("AUTH", replies.UNSUPPORTED_MECHANISM)
+        self._sasl_mechanism = mechanism
+        self._sasl_username = None
+        if len(words) == 1:
+            if mechanism == "PLAIN":
+                return AuthChallenge(mechanism, replies.PLAIN_CHALLENGE)
+            return AuthChallenge(mechanism, replies.LOGIN_USERNAME)
+        # RFC 4954 section 4: an initial response; "=" is the empty one.
+        return self._sasl_step(words[1].encode("ascii", "replace"), initial=True)
+
+    # --- the SASL exchange -------------------------------------------------------------------
+
+    def _read_sasl(self) -> Event | None:
+        buf = self._buf
+        end = buf.find(b"\n", 0, _AUTH_LINE_LIMIT)
+        if end < 0:
+            if len(buf) < _AUTH_LINE_LIMIT:
+                return None
+            # RFC 4954 section 4: 500 5.5.6 for a response line that is too long. The
+            # exchange is over; only the word AUTH is kept for the reply (never the line).
+            self._end_sasl()
+            self._long_line_prefix = b"AUTH"
+            self._reader = _Reader.LONG_LINE
+            return self._read_long_line()
+        line = bytes(buf[:end])
+        del buf[: end + 1]
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        self._reader = _Reader.LINE
+        if len(line) + 2 > _AUTH_LINE_LIMIT:
+            self._end_sasl()
+            return Respond("AUTH", replies.LINE_TOO_LONG)
+        return self._sasl_step(line, initial=False)
+
+    def _sasl_step(self, response: bytes, *, initial: bool) -> Event:
+        """One client response of the exchange: the next challenge, the AuthRequest, or the
+        refusal that ends the exchange."""
+        mechanism = self._sasl_mechanism
+        assert mechanism is not None, "a SASL response is only read during an exchange"
+        if response == b"*" and not initial:
+            self._end_sasl()
+            return Respond("AUTH", replies.AUTH_CANCELLED)
+        data = _decode_sasl(response)
+        if data is None:
+            self._end_sasl()
+            return Respond("AUTH", replies.BAD_AUTH_RESPONSE)
+        if mechanism == "PLAIN":
+            self._end_sasl()
+            return self._plain(data)
+        if self._sasl_username is None:  # LOGIN: the user name; the password comes next
+            username = _sasl_text(data, name=True)
+            if username is None:
+                self._end_sasl()
+                return Respond("AUTH", replies.BAD_AUTH_RESPONSE)
+            self._sasl_username = username
+            return AuthChallenge(mechanism, replies.LOGIN_PASSWORD)
+        username = self._sasl_username
+        self._end_sasl()
+        password = _sasl_text(data, name=False)
+        if password is None:
+            return Respond("AUTH", replies.BAD_AUTH_RESPONSE)
+        return AuthRequest(mechanism, "", username, password, replies.AUTH_SUCCEEDED)
+
+    def _plain(self, message: bytes) -> Event:
+        """RFC 4616 section 2: ``[authzid] NUL authcid NUL passwd``, each UTF-8 without NUL,
+        authcid and passwd not empty."""
+        parts = message.split(b"\0")
+        if len(parts) != 3 or not parts[1] or not parts[2]:
+            return Respond("AUTH", replies.BAD_AUTH_RESPONSE)
+        authzid = _sasl_text(parts[0], name=True)
+        username = _sasl_text(parts[1], name=True)
+        password = _sasl_text(parts[2], name=False)
+        if authzid is None or username is None or password is None:
+            return Respond("AUTH", replies.BAD_AUTH_RESPONSE)
+        if authzid and authzid.casefold() != username.casefold():
+            # RFC 4616 section 2: acting for someone else needs authorization, and nobody has
+            # it here; refused before any password is checked.
+            return Respond("AUTH", replies.AUTH_FAILED)
+        return AuthRequest("PLAIN", authzid, username, password, replies.AUTH_SUCCEEDED)
 
     def _noop(self, arg: str) -> Event:
         # RFC 5321 4.1.1.9: a NOOP argument is ignored.
@@ -892,4 +1277,9 @@ _HANDLERS: Final[dict[bytes, Callable[[ServerConnection, str], Event | None]]] =
     b"HELP": ServerConnection._help,
     b"VRFY": ServerConnection._vrfy,
     b"EXPN": ServerConnection._expn,
+    b"STARTTLS": ServerConnection._starttls,
+    b"AUTH": ServerConnection._auth,
 }
+
+# Command words that Respond.verb may carry (see _verb_name).
+_KNOWN_VERBS: Final = frozenset(_HANDLERS) | _KNOWN_UNOFFERED | _HTTP_VERBS
