@@ -38,9 +38,12 @@ longer resolves (mailbox removed after the message was accepted, an alias loop) 
 failure: one bounce (:mod:`katerchen.dsn`) per message, from ``<>`` to the reverse-path, queued as
 a new message in ``received/`` and delivered like any other; never for a ``<>`` message.
 
-A recipient outside the served domains is relayed only for mail made on this host (an empty
-``client`` in the envelope: bounces, files placed by the administrator; :func:`may_relay`);
-mail from the network got there only for recipients that routed when it was accepted.
+A recipient outside the served domains is relayed only when the receiver authorised it (the
+envelope's ``relay`` flag: a trusted network, or AUTH) or for mail made on this host (an empty
+``client``: bounces, files placed by the administrator; :func:`may_relay`); other mail from the
+network got there only for recipients that routed when it was accepted.  After writing a relay
+copy, delivery rings the relayer (``on_relay``).  The relayer writes its own bounces with
+:func:`queue_bounce`, the same way.
 
 A file in ``received/`` that does not decode (corrupt, or written by a newer version) is left
 where it is and logged once (``undecodable``) -- docs/spool-format.md forbids delivering or
@@ -55,6 +58,7 @@ dsn=<bounce id>``, ``dropped id= to=<> status= reason=`` (null reverse-path).
 from __future__ import annotations
 
 import collections
+import datetime
 import enum
 import errno
 import functools
@@ -63,7 +67,7 @@ import heapq
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, Literal
 
@@ -83,6 +87,7 @@ __all__ = [
     "Deliverer",
     "bounce_id",
     "may_relay",
+    "queue_bounce",
     "retry_delay",
     "run_delivery",
 ]
@@ -119,25 +124,28 @@ def retry_delay(previous: float | None, *, initial: float, maximum: float) -> fl
 def may_relay(envelope: Envelope) -> bool:
     """Whether a recipient outside the served domains is relayed rather than refused.
 
-    Only for mail made on this host, which is what an empty ``client`` says: bounces, and
-    files an administrator put into ``received/``.  Mail from the network reached ``received/``
-    only for recipients that routed when it was accepted, so one that no longer does (its
-    domain was removed since) is a permanent failure, 5.7.1, as it would be at RCPT.  Remote
-    forward targets of aliases are relayed for everybody: the administrator wrote them.
+    When the receiver authorised the client to relay (``envelope.relay``: a trusted network,
+    or AUTH), and for mail made on this host, which is what an empty ``client`` says: bounces,
+    and files an administrator put into ``received/``.  Other mail from the network reached
+    ``received/`` only for recipients that routed when it was accepted, so one that no longer
+    does (its domain was removed since) is a permanent failure, 5.7.1, as it would be at RCPT.
+    Remote forward targets of aliases are relayed for everybody: the administrator wrote them.
     """
-    return envelope.client == ""
+    return envelope.relay or envelope.client == ""
 
 
-def bounce_id(queue_id: str) -> str:
+def bounce_id(queue_id: str, suffix: str = _BOUNCE_SUFFIX) -> str:
     """The queue id of the bounce for message *queue_id*: the same every time, so a bounce
     written again after a crash finds the first one; it sorts right after the original.
 
     Receiver ids are 20 lowercase hex digits, so ``<id>b`` can never be one of them.  An id
     that is already the longest allowed (64, only by hand) gets a digest of itself instead.
+    *suffix* (one letter or digit) tells apart the reports about one message: ``b`` from
+    delivery, ``r`` and ``w`` from the relayer (failure, delay warning).
     """
     if len(queue_id) < 64:
-        return queue_id + _BOUNCE_SUFFIX
-    return hashlib.sha256(queue_id.encode("ascii")).hexdigest()[:63] + _BOUNCE_SUFFIX
+        return queue_id + suffix
+    return hashlib.sha256(queue_id.encode("ascii")).hexdigest()[:63] + suffix
 
 
 def _diagnostic(route: Route) -> str:
@@ -173,9 +181,10 @@ class Attempt:
     """What one :meth:`Deliverer.deliver` did.
 
     ``done``: every recipient is done and the message left ``received/``; ``bounce`` is then the
-    id of the bounce it queued, if any.  ``deferred``: the message stays for a retry, ``deferrals``
-    say why.  ``gone``: there was no such file.  ``undecodable``: the file does not decode
-    (``reason``); ``signature`` is its (size, mtime_ns), to log it once per version.
+    id of the bounce it queued, if any, and ``relayed`` whether it wrote ``relay/<id>``.
+    ``deferred``: the message stays for a retry, ``deferrals`` say why.  ``gone``: there was
+    no such file.  ``undecodable``: the file does not decode (``reason``); ``signature`` is
+    its (size, mtime_ns), to log it once per version.
     """
 
     queue_id: str
@@ -184,6 +193,7 @@ class Attempt:
     bounce: str | None = None
     reason: str = ""
     signature: tuple[int, int] | None = None
+    relayed: bool = False
 
 
 @attrs.frozen
@@ -358,13 +368,10 @@ class _Message:
                 reason=failure.reason,
                 **({"dsn": bounce} if bounce is not None else {"note": "null reverse-path"}),
             )
-        return Attempt(queue_id, "done", bounce=bounce)
+        return Attempt(queue_id, "done", bounce=bounce, relayed=bool(self.remote))
 
     def _queue_bounce(self) -> str:
         """Write the bounce of this message into ``received/``; return its id.  Raises OSError."""
-        envelope = self.envelope
-        deliverer = self.deliverer
-        spool = deliverer.spool
         statuses = [
             dsn.RecipientStatus(
                 recipient=failure.recipient,
@@ -374,31 +381,61 @@ class _Message:
             )
             for failure in self.failed
         ]
-        report = dsn.build_report(
-            envelope=envelope,
+        identifier = bounce_id(self.envelope.queue_id)
+        queue_bounce(
+            self.deliverer.spool,
+            envelope=self.envelope,
             statuses=statuses,
-            headers=_read_headers(self.source, self.offset),
-            reporting_mta=deliverer.hostname,
+            source=self.source,
+            offset=self.offset,
+            hostname=self.deliverer.hostname,
+            identifier=identifier,
         )
-        identifier = bounce_id(envelope.queue_id)
-        bounce = Envelope(
-            queue_id=identifier,
-            # The original's arrival, not now: the Maildir name of the bounce derives from it,
-            # so a bounce made again after a crash gets the name of the first one.
-            arrival=envelope.arrival,
-            client="",
-            helo=deliverer.hostname,
-            reverse_path="",
-            forward_paths=(envelope.reverse_path,),
-            body="8BITMIME" if not report.isascii() else None,
-            # dsn.py keeps the report 7-bit except for a non-ASCII reverse-path in its To:.
-            smtputf8=not envelope.reverse_path.isascii(),
-        )
-        header = bounce.encode() + received_header(
-            bounce, hostname=deliverer.hostname, protocol=BOUNCE_PROTOCOL
-        )
-        write_file(spool.incoming, spool.received, identifier, (header, report))
         return identifier
+
+
+def queue_bounce(
+    spool: Spool,
+    *,
+    envelope: Envelope,
+    statuses: Sequence[dsn.RecipientStatus],
+    source: Path,
+    offset: int,
+    hostname: str,
+    identifier: str,
+    now: datetime.datetime | None = None,
+) -> bool:
+    """BLOCKING. Queue a report about *envelope* (a bounce, or a delay warning when every status
+    is ``delayed``) as the new message ``received/<identifier>``, from ``<>`` to its sender.
+
+    The original's header block is read from *source* at *offset* (a spool file: the message
+    starts there).  *identifier* comes from :func:`bounce_id`, so that a report written again
+    after a crash finds the first one (False is returned then: it was there already).  *now*
+    is the report's date (default: now).  The caller checks :func:`katerchen.dsn.should_bounce`
+    first.  Raises OSError.
+    """
+    report = dsn.build_report(
+        envelope=envelope,
+        statuses=statuses,
+        headers=_read_headers(source, offset),
+        reporting_mta=hostname,
+        now=now,
+    )
+    bounce = Envelope(
+        queue_id=identifier,
+        # The original's arrival, not now: the Maildir name of the bounce derives from it,
+        # so a bounce made again after a crash gets the name of the first one.
+        arrival=envelope.arrival,
+        client="",
+        helo=hostname,
+        reverse_path="",
+        forward_paths=(envelope.reverse_path,),
+        body="8BITMIME" if not report.isascii() else None,
+        # dsn.py keeps the report 7-bit except for a non-ASCII reverse-path in its To:.
+        smtputf8=not envelope.reverse_path.isascii(),
+    )
+    header = bounce.encode() + received_header(bounce, hostname=hostname, protocol=BOUNCE_PROTOCOL)
+    return write_file(spool.incoming, spool.received, identifier, (header, report))
 
 
 def _read_pre_header(path: Path) -> tuple[bytes, tuple[int, int]]:
@@ -464,6 +501,8 @@ class _Scheduler:
     scan_interval: float
     retry_initial: float
     retry_max: float
+    # Told the id of every relay/<id> written (app.py rings the relayer's doorbell with it).
+    on_relay: Callable[[str], None] | None = None
     # Ids waiting for a worker -> check_cur.  Fresh rings go to the front.
     _queue: collections.OrderedDict[str, bool] = attrs.field(factory=collections.OrderedDict)
     _active: set[str] = attrs.field(factory=set)
@@ -584,6 +623,8 @@ class _Scheduler:
                 maillog.error("undecodable", id=queue_id, reason=attempt.reason, action="left")
             return
         self._undecodable.pop(queue_id, None)
+        if attempt.relayed and self.on_relay is not None:
+            self.on_relay(queue_id)
         if attempt.bounce is not None:
             # Queued like any message; the cur/ check because an earlier attempt (before a
             # crash) may have written and delivered the same bounce already.
@@ -626,12 +667,14 @@ async def run_delivery(
     spool: Spool,
     doorbell: trio.MemoryReceiveChannel[str | None],
     *,
+    on_relay: Callable[[str], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Deliver what arrives in ``received/``, forever (see the module docstring).
 
     *doorbell* carries queue ids of freshly committed messages, and None for "rescan now and
-    retry everything deferred" (SIGUSR1).  Reports ``started()`` once the first listing of
+    retry everything deferred" (SIGUSR1).  *on_relay* is called (without blocking) with the id
+    of every ``relay/<id>`` written.  Reports ``started()`` once the first listing of
     ``received/`` is done and its messages are queued.  Cancelling it is safe at any point:
     a delivery running in a worker thread finishes first, and whatever is not finished stays in
     ``received/`` for the next start.
@@ -643,6 +686,7 @@ async def run_delivery(
         scan_interval=delivery.scan_interval,
         retry_initial=delivery.retry_initial,
         retry_max=delivery.retry_max,
+        on_relay=on_relay,
     )
     # The delivery's own worker pool, inside the task app.py started (like serve_listeners'
     # handlers): cancelling the task cancels every worker with it.

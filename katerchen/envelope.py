@@ -12,12 +12,16 @@ Pure: no I/O. The pre-header format is documented in ``docs/spool-format.md``; i
     to <"carol smith"@example.org>
     body 8BITMIME
     smtputf8 no
+    auth alice@example.net        (optional: only for an authenticated session)
+    relay yes                     (optional: only when remote recipients were authorised)
     <empty line>
 
 Every line is ``key SP value LF`` in this fixed order (``to`` once per forward path, at least
-once). Values are UTF-8 and never hold a control character, so a line cannot be confused with
-another and the first empty line ends the pre-header. Paths keep their angle brackets and run to
-the end of their line, so quoted local parts with spaces, quotes or ``>`` stay unambiguous.
+once; ``auth`` and ``relay`` only when set, so a file without them is exactly what earlier
+versions wrote). Values are UTF-8 and never hold a control character, so a line cannot be
+confused with another and the first empty line ends the pre-header. Paths keep their angle
+brackets and run to the end of their line, so quoted local parts with spaces, quotes or ``>``
+stay unambiguous.
 """
 
 from __future__ import annotations
@@ -113,6 +117,11 @@ class Envelope:
     forward_paths: tuple[str, ...]
     body: str | None
     smtputf8: bool
+    #: The user the session authenticated as (SMTP AUTH), or None.
+    auth: str | None = attrs.field(default=None, kw_only=True)
+    #: The receiver authorised this client to send to domains we do not serve (a trusted
+    #: network, or AUTH): delivery relays the recipients outside the served domains.
+    relay: bool = attrs.field(default=False, kw_only=True)
 
     def encode(self) -> bytes:
         """The pre-header: version line, one line per field, then an empty line.
@@ -133,6 +142,10 @@ class Envelope:
             _check_path("to", path, reverse=False)
         if self.body is not None and self.body not in BODY_TYPES:
             raise EnvelopeError("envelope body: unknown body type")
+        if self.auth is not None:
+            if not self.auth:
+                raise EnvelopeError("envelope auth: empty")
+            _check_value("auth", self.auth)
         lines = [
             f"katerchen-envelope {ENVELOPE_VERSION}",
             f"id {self.queue_id}",
@@ -143,9 +156,12 @@ class Envelope:
             *(f"to <{path}>" for path in self.forward_paths),
             f"body {self.body or '-'}",
             f"smtputf8 {'yes' if self.smtputf8 else 'no'}",
-            "",
-            "",
         ]
+        if self.auth is not None:
+            lines.append(f"auth {self.auth}")
+        if self.relay:
+            lines.append("relay yes")
+        lines += ["", ""]
         return "\n".join(lines).encode("utf-8")
 
     @classmethod
@@ -221,6 +237,17 @@ class Envelope:
         smtputf8_text = take("smtputf8")
         if smtputf8_text not in ("yes", "no"):
             raise EnvelopeError("envelope smtputf8: must be yes or no")
+        # The optional keys, in their order, each at most once.
+        auth: str | None = None
+        if position < len(fields) and fields[position][0] == "auth":
+            auth = take("auth")
+            if not auth:
+                raise EnvelopeError("envelope auth: empty")
+        relay = False
+        if position < len(fields) and fields[position][0] == "relay":
+            if take("relay") != "yes":
+                raise EnvelopeError("envelope relay: must be yes (it is left out otherwise)")
+            relay = True
         if position != len(fields):
             raise EnvelopeError(f"envelope: unexpected key {fields[position][0][:20]!r}")
         return cls(
@@ -232,6 +259,8 @@ class Envelope:
             forward_paths=tuple(forward_paths),
             body=body,
             smtputf8=smtputf8_text == "yes",
+            auth=auth,
+            relay=relay,
         )
 
 

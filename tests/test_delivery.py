@@ -86,8 +86,13 @@ async def start(nursery: trio.Nursery) -> AsyncIterator[Start]:
 
         async def run(*, task_status: trio.TaskStatus[app.RunningServer]) -> None:
             try:
+                # relay=False: these tests look at the relay copies delivery writes.
                 await app.run(
-                    config, handle_signals=handle_signals, deliver=True, task_status=task_status
+                    config,
+                    handle_signals=handle_signals,
+                    deliver=True,
+                    relay=False,
+                    task_status=task_status,
                 )
             finally:
                 stopped.set()

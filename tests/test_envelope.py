@@ -370,3 +370,65 @@ def test_received_header_parses(envelope: Envelope) -> None:
     date = email.utils.parsedate_to_datetime(value.rsplit(";", 1)[1].strip())
     assert date.timestamp() == int(envelope.arrival)
     assert ("for <" in value) == (len(envelope.forward_paths) == 1)
+
+
+# --- the optional keys auth and relay ----------------------------------------------------------
+
+
+def test_auth_and_relay_are_written_only_when_set() -> None:
+    assert EXAMPLE.auth is None and EXAMPLE.relay is False
+    assert EXAMPLE.encode() == EXAMPLE_BYTES  # unchanged: what earlier versions wrote
+    both = attrs.evolve(EXAMPLE, auth="alice@example.net", relay=True)
+    assert both.encode() == EXAMPLE_BYTES[:-1] + b"auth alice@example.net\nrelay yes\n\n"
+    assert attrs.evolve(EXAMPLE, relay=True).encode() == EXAMPLE_BYTES[:-1] + b"relay yes\n\n"
+    assert (
+        attrs.evolve(EXAMPLE, auth="j\u00f6ran").encode()
+        == EXAMPLE_BYTES[:-1] + "auth j\u00f6ran\n\n".encode()
+    )
+
+
+@pytest.mark.parametrize(
+    "changes", [{"auth": "alice@example.net"}, {"relay": True}, {"auth": "a b", "relay": True}]
+)
+def test_auth_and_relay_round_trip(changes: dict[str, Any]) -> None:
+    envelope = attrs.evolve(EXAMPLE, **changes)
+    data = envelope.encode() + b"Received: x\r\n\r\nbody\r\n"
+    decoded, offset = Envelope.decode(data)
+    assert decoded == envelope
+    assert data[offset:] == b"Received: x\r\n\r\nbody\r\n"
+
+
+def test_old_files_decode_without_auth_and_relay() -> None:
+    envelope, _ = Envelope.decode(EXAMPLE_BYTES)
+    assert envelope.auth is None
+    assert envelope.relay is False
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        b"relay no\n",  # left out instead
+        b"relay YES\n",
+        b"relay \n",
+        b"auth \n",  # empty
+        b"relay yes\nauth alice@example.net\n",  # order
+        b"auth a\nauth b\n",  # twice
+        b"relay yes\nrelay yes\n",
+        b"auth a\x7fb\n",
+        b"trusted yes\n",
+    ],
+)
+def test_decode_refuses_malformed_optional_keys(tail: bytes) -> None:
+    with pytest.raises(EnvelopeError):
+        Envelope.decode(EXAMPLE_BYTES[:-1] + tail + b"\n")
+
+
+@pytest.mark.parametrize("auth", ["", "a\nrelay yes", "a\rb", "a\x00b"])
+def test_encode_refuses_a_bad_auth(auth: str) -> None:
+    with pytest.raises(EnvelopeError, match="auth"):
+        attrs.evolve(EXAMPLE, auth=auth).encode()
+
+
+def test_auth_and_relay_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        Envelope("q", 0.0, "", "", "", ("a@b.c",), None, False, "user")  # type: ignore[misc]
