@@ -1,14 +1,17 @@
-"""The command line: parse arguments, load the config, and run the server or check the config.
+"""The command line: parse arguments, load the config, and run the server, check the config or
+set a user's password.
 
-Exit status: 0 after a clean shutdown (SIGTERM/SIGINT) or a valid config, 1 when the server
-cannot start (e.g. the port is taken), 2 for usage and config errors.  No traceback is shown for
-any of those; ``--log-level debug`` adds one to the log for a failed start.
+Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), a valid config or a password set, 1 when
+the server cannot start (e.g. the port is taken), 2 for usage and config errors (and any error of
+``passwd``).  No traceback is shown for any of those; ``--log-level debug`` adds one to the log
+for a failed start.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import getpass
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -16,7 +19,7 @@ from pathlib import Path
 
 import trio
 
-from katerchen import __version__, maillog, routing
+from katerchen import __version__, auth, maillog, queuecmd, routing
 from katerchen.config import DEFAULT_DATA_DIR, Config, ConfigError, format_address
 
 __all__ = ["ENV_CONFIG", "build_parser", "main", "main_entry"]
@@ -94,6 +97,26 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common(check, top=False)
+    passwd = commands.add_parser(
+        "passwd",
+        help="add a user for SMTP AUTH, or change their password",
+        description="Add the user ADDRESS to the config's [auth] users_file, or change their\n"
+        "password (the file and its directory are created when missing, mode 0600).\n\n"
+        "The password is read from the terminal, twice; when standard input is not a\n"
+        "terminal, its first line is the password (without the line break), e.g.\n"
+        "  printf '%s\\n' \"$PASSWORD\" | katerchen passwd --config FILE alice@example.org\n"
+        "Only a scrypt hash of it is stored.  The running server picks the change up at\n"
+        "the next AUTH; no restart needed.  Exit status 0, or 2 on any error.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common(passwd, top=False)
+    passwd.add_argument(
+        "address", metavar="ADDRESS", help="the user: an address like alice@example.org"
+    )
+    queuecmd.add_parser(
+        commands, add_common=functools.partial(add_common, top=False), epilog=_EPILOG
+    )
     return parser
 
 
@@ -107,6 +130,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_file: str | None = args.config or os.environ.get(ENV_CONFIG) or None
     if args.command == "check-config":
         return _check_config(config_file)
+    if args.command == "passwd":
+        return _passwd(config_file, args.address)
+    if args.command == "queue":
+        return queuecmd.run(args, functools.partial(_load, config_file))
     return _serve(config_file, log_level=args.log_level or "info")
 
 
@@ -133,6 +160,66 @@ def _check_config(config_file: str | None) -> int:
     return 0
 
 
+def _passwd(config_file: str | None, address: str) -> int:
+    # The argument is not echoed in errors: it might be a password typed in the wrong place.
+    user = auth.canonical_address(address)
+    if user is None:
+        print(
+            "katerchen: passwd: ADDRESS is not a valid address (expected e.g. alice@example.org)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        config = _load(config_file)
+    except ConfigError as exc:
+        print(f"katerchen: {exc}", file=sys.stderr)
+        return 2
+    try:
+        password = _read_password(user)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except (ValueError, OSError, EOFError) as exc:
+        print(f"katerchen: passwd: {str(exc) or 'no password given'}", file=sys.stderr)
+        return 2
+    path = config.auth.users_file
+    try:
+        added = auth.set_password(path, user, password)
+    except OSError as exc:
+        print(f"katerchen: passwd: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    done = "added the user" if added else "changed the password of"
+    print(f"katerchen: {done} {user} in {path}")
+    return 0
+
+
+def _read_password(user: str) -> str:
+    """The new password: from the terminal (asked twice), else the first line of stdin.
+    Raises ValueError (the message says why; it never holds the password), OSError, EOFError."""
+    stdin = sys.stdin
+    if stdin is None:
+        raise ValueError("no standard input to read the password from")
+    if stdin.isatty():
+        first = getpass.getpass(f"New password for {user}: ")
+        if not first:
+            raise ValueError("the password is empty")
+        if getpass.getpass("Retype the new password: ") != first:
+            raise ValueError("the passwords do not match; nothing changed")
+        return first
+    try:
+        line = stdin.readline()
+    except UnicodeDecodeError:
+        raise ValueError("the password on standard input is not valid text (UTF-8)") from None
+    # Only the line break goes: spaces may be part of the password.
+    if line.endswith("\n"):
+        line = line[:-1]
+        if line.endswith("\r"):
+            line = line[:-1]
+    if not line:
+        raise ValueError("no password: the first line of standard input is empty")
+    return line
+
+
 def _serve(config_file: str | None, *, log_level: str) -> int:
     maillog.setup(level=log_level)
     try:
@@ -154,6 +241,13 @@ def _serve(config_file: str | None, *, log_level: str) -> int:
         print(f"katerchen: {exc}", file=sys.stderr)
         return 2
     _log_summary(config)
+    if config.delivery.sink:
+        # Meant for test suites; on a reachable server it takes mail for anybody.
+        maillog.warning(
+            "sink-mode",
+            sink=config.delivery.sink,
+            note="[delivery] sink is set: every recipient at every domain is accepted",
+        )
 
     # Imported here so that check-config does not pay for the server's imports.
     from katerchen import app

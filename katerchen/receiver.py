@@ -19,6 +19,25 @@ reply; the whole of a message's data -- from the 354, or from the first BDAT -- 
 connection is closed.  Writes are bounded by ``command_timeout`` too, so a client that stops
 reading cannot pin a task forever.
 
+TLS (RFC 3207, RFC 8314).  Each connection comes from one kind of :class:`Listener`: the MX port
+offers STARTTLS when ``[tls]`` is set and AUTH once TLS is up, never requiring either; the
+submission port (587) requires STARTTLS before AUTH and AUTH before MAIL; the submissions port
+(465) wraps the connection in TLS before the greeting and requires AUTH.  On STARTTLS the 220 is
+written, and only then is the stream wrapped in a :class:`trio.SSLStream`: sending the 220 makes
+the protocol drop whatever the client pipelined after STARTTLS (the CVE-2011-0411 injection), and
+the receiver keeps no bytes of its own (every read goes straight into the protocol), so nothing
+sent in the clear is ever executed inside the TLS session.  A handshake gets its own deadline,
+``HANDSHAKE_TIMEOUT`` (or the command timeout when that is shorter); a failed one ends the
+connection without a reply.  A session keeps the context it started with: a certificate reload
+(:class:`~katerchen.tlsconfig.ServerTLS`) only affects new handshakes.
+
+AUTH (RFC 4954).  The protocol runs the SASL exchange; the receiver checks the credentials
+against the users file in a worker thread (scrypt is slow on purpose; ``AUTH_THREADS`` checks at
+once bound the memory it takes) and counts failures per client IP: after ``[auth]
+max_failures`` within ``failure_window`` the IP gets 421 4.7.0 for AUTH, without a check.  An
+authenticated session may relay, and its MAIL FROM must be an address the user owns (553 5.7.1;
+``[auth] allow_any_sender`` lifts that).  Neither passwords nor the failed usernames are logged.
+
 Shutdown (:meth:`Receiver.drain`): a session idle between transactions gets 421 4.3.2 at once; a
 session inside a transaction is left alone until the transaction ends, and then gets 421 4.3.2;
 the app cancels whatever still runs when its grace period is over.  Cancellation is safe
@@ -31,7 +50,9 @@ Sessions share no locks: a client that stalls only stalls its own task.
 from __future__ import annotations
 
 import contextlib
+import enum
 import ipaddress
+import re
 import time
 from collections.abc import Callable
 from typing import NoReturn
@@ -39,11 +60,13 @@ from typing import NoReturn
 import attrs
 import trio
 
-from katerchen import maillog
+from katerchen import auth, maillog
 from katerchen.address import Address
 from katerchen.config import Config
 from katerchen.envelope import Envelope, EnvelopeError, received_header
 from katerchen.protocol import (
+    AuthChallenge,
+    AuthRequest,
     ChunkEnd,
     ConnectionClosed,
     DataChunk,
@@ -59,12 +82,14 @@ from katerchen.protocol import (
     Sentinel,
     ServerConnection,
     ServerSettings,
+    StartTLS,
     replies,
 )
 from katerchen.routing import DomainsTree, Route
 from katerchen.spool import IncomingMessage, Spool, new_queue_id
+from katerchen.tlsconfig import ServerTLS, describe
 
-__all__ = ["Receiver"]
+__all__ = ["Listener", "Receiver"]
 
 #: How much one read asks for.  64 KiB is trio's default and below malloc's mmap threshold.
 RECEIVE_SIZE = 65536
@@ -79,6 +104,15 @@ FREE_SPACE_TTL = 1.0
 CLEANUP_TIMEOUT = 5.0
 #: Bound on the 421 sent to a session cut off when the shutdown grace period is over.
 GOODBYE_TIMEOUT = 1.0
+#: Bound on a TLS handshake (the command timeout applies instead when it is shorter).
+HANDSHAKE_TIMEOUT = 30.0
+#: Password checks running at once; each scrypt takes some 32 MiB for a tenth of a second.
+AUTH_THREADS = 4
+#: The SASL mechanisms offered (over TLS only).
+AUTH_MECHANISMS = ("PLAIN", "LOGIN")
+
+#: RFC 4954 section 6 / RFC 3463 X.7.1: MAIL FROM an address the authenticated user does not own.
+SENDER_NOT_OWNED = Reply(553, "5.7.1", "Error: sender address not owned by the authenticated user")
 
 #: RFC 5321 4.2.2 550 / RFC 3463 X.1.3 bad destination mailbox address syntax: a local part that
 #: cannot name a mailbox directory.
@@ -95,7 +129,32 @@ RCPT_REFUSALS: dict[Route, Reply] = {
     Route.LOOP: ALIAS_LOOP,  # 550 5.4.6
 }
 
-_AnsweredEvent = Hello | MailFrom | RcptTo | DataStart | ChunkEnd | DataEnd | Reset | Quit | Respond
+_AnsweredEvent = (
+    Hello
+    | MailFrom
+    | RcptTo
+    | DataStart
+    | ChunkEnd
+    | DataEnd
+    | Reset
+    | Quit
+    | Respond
+    | AuthChallenge
+    | AuthRequest
+)
+
+
+class Listener(enum.Enum):
+    """The kinds of port a connection can arrive on (``[server]`` listen, submission,
+    submissions)."""
+
+    MX = "listen"  # port 25: STARTTLS offered when [tls] is set; AUTH offered, never required
+    SUBMISSION = "submission"  # port 587: STARTTLS before AUTH, AUTH before MAIL (RFC 6409)
+    SUBMISSIONS = "submissions"  # port 465: TLS from the first byte, AUTH before MAIL (RFC 8314)
+
+
+#: What may stand in the Received header's TLS comment (OpenSSL's names are all like this).
+_TLS_NAME_UNSAFE = re.compile(r"[^A-Za-z0-9_.+/-]")
 
 
 def _first_line(reply: Reply) -> str:
@@ -129,8 +188,14 @@ class Receiver:
     config: Config
     spool: Spool
     on_queued: Callable[[str], None] = attrs.field(default=lambda queue_id: None)
+    #: The server certificate; None without [tls] (then no STARTTLS, and no submission).
+    tls: ServerTLS | None = None
     domains: DomainsTree = attrs.field(init=False)
-    settings: ServerSettings = attrs.field(init=False)
+    settings: ServerSettings = attrs.field(init=False)  # the MX listener's
+    users: auth.UsersFile = attrs.field(init=False)
+    failures: auth.FailureTracker = attrs.field(init=False)  # failed AUTH attempts per IP
+    _settings: dict[Listener, ServerSettings] = attrs.field(init=False)
+    _auth_limiter: trio.CapacityLimiter = attrs.field(init=False)
     _sessions: set[_Session] = attrs.field(init=False, factory=set)
     _per_ip: dict[str, int] = attrs.field(init=False, factory=dict)
     _draining: bool = attrs.field(init=False, default=False)
@@ -143,12 +208,28 @@ class Receiver:
         # can route.
         self.domains = DomainsTree.from_config(self.config)
         limits = self.config.limits
+        tls = self.tls is not None
+        mechanisms = AUTH_MECHANISMS if tls else ()
         self.settings = ServerSettings(
             hostname=self.config.server.hostname,
             max_message_size=limits.max_message_size,
             max_recipients=limits.max_recipients,
             bare_newline=limits.bare_newline,
+            starttls=tls,
+            auth_mechanisms=mechanisms,  # offered only once the connection is TLS
         )
+        self._settings = {
+            Listener.MX: self.settings,
+            Listener.SUBMISSION: attrs.evolve(self.settings, require_auth=True),
+            Listener.SUBMISSIONS: attrs.evolve(
+                self.settings, starttls=False, tls=True, require_auth=True
+            ),
+        }
+        self.users = auth.UsersFile(self.config.auth.users_file)
+        self.failures = auth.FailureTracker(
+            self.config.auth.max_failures, self.config.auth.failure_window
+        )
+        self._auth_limiter = trio.CapacityLimiter(AUTH_THREADS)
 
     @property
     def connections(self) -> int:
@@ -159,28 +240,44 @@ class Receiver:
     def draining(self) -> bool:
         return self._draining
 
-    async def handle_connection(self, stream: trio.abc.Stream, peer: tuple[str, int]) -> None:
+    async def handle_connection(
+        self, stream: trio.abc.Stream, peer: tuple[str, int], listener: Listener = Listener.MX
+    ) -> None:
         """Serve one SMTP client on *stream* until it quits, times out or is shut down; *peer*
-        is its (host, port).  Closes *stream*.  Raises nothing but cancellation: a bug in one
-        session is logged (``internal-error``) and ends that session only."""
+        is its (host, port), *listener* the kind of port it came to (a TLS one needs
+        :attr:`tls`).  Closes *stream*.  Raises nothing but cancellation: a bug in one session
+        is logged (``internal-error``) and ends that session only."""
         ip = _client_ip(peer[0])
         port = peer[1]
         limits = self.config.limits
         hostname = self.settings.hostname
+        session: _Session | None = None
         try:
-            maillog.event("connect", ip=ip, port=port)
+            if listener is Listener.MX:
+                maillog.event("connect", ip=ip, port=port)
+            else:
+                maillog.event("connect", ip=ip, port=port, listener=listener.value)
+            if listener is not Listener.MX and self.tls is None:
+                raise RuntimeError(f"a {listener.value} connection without [tls]")
+            refusal: Reply | None = None
             if self._draining:
-                await _refuse(stream, replies.shutting_down(hostname), limits.command_timeout)
-                return
-            if (
+                refusal = replies.shutting_down(hostname)
+            elif (
                 len(self._sessions) >= limits.max_connections
                 or self._per_ip.get(ip, 0) >= limits.max_connections_per_ip
             ):
-                reply = replies.too_many_connections(hostname)
-                maillog.event("reject", ip=ip, verb="CONNECT", code=421, reason=_first_line(reply))
-                await _refuse(stream, reply, limits.command_timeout)
+                refusal = replies.too_many_connections(hostname)
+                maillog.event(
+                    "reject", ip=ip, verb="CONNECT", code=421, reason=_first_line(refusal)
+                )
+            if refusal is not None:
+                # On the implicit-TLS port a reply would need a handshake first: a refused
+                # client is not worth the CPU, so it is only disconnected.
+                if listener is not Listener.SUBMISSIONS:
+                    await _refuse(stream, refusal, limits.command_timeout)
                 return
-            session = _Session(self, stream, ip, ServerConnection(self.settings))
+            settings = self._settings[listener]
+            session = _Session(self, stream, ip, ServerConnection(settings), listener)
             self._sessions.add(session)
             self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
             try:
@@ -199,6 +296,8 @@ class Receiver:
             maillog.logger.exception("internal-error ip=%s port=%s", ip, port)
         finally:
             with trio.CancelScope(shield=True):
+                if session is not None and session.stream is not stream:
+                    await session.close_tls()
                 await trio.aclose_forcefully(stream)
 
     def drain(self) -> None:
@@ -246,10 +345,14 @@ class _Session:
     """One connection: the protocol state plus the transaction being received."""
 
     receiver: Receiver
-    stream: trio.abc.Stream
+    stream: trio.abc.Stream  # the TCP stream, or the SSLStream over it once TLS is up
     ip: str
     conn: ServerConnection
+    listener: Listener = Listener.MX
     queued: int = 0  # messages committed in this session
+    _tls: tuple[str, str] | None = None  # (version, cipher) once TLS is up
+    _handshaking: bool = False  # inside a TLS handshake: no plain-text 421 may be written
+    _user: str | None = None  # the authenticated user (canonical address)
     _out: list[bytes] = attrs.field(factory=list)  # replies not yet written
     _read_scope: trio.CancelScope | None = None  # set while blocked on a read
     _drain_interrupted: bool = False
@@ -273,12 +376,52 @@ class _Session:
         conn = self.conn
         receiver = self.receiver
         command_timeout = receiver.config.limits.command_timeout
-        self._out.append(conn.send(conn.greeting()))
-        command_deadline = trio.current_time() + command_timeout
         with self._scope:
+            if self.listener is Listener.SUBMISSIONS and not await self._start_tls():
+                return
+            self._out.append(conn.send(conn.greeting()))
+            command_deadline = trio.current_time() + command_timeout
             await self._serve(command_deadline)
         if self._forced:
             await self._say_goodbye()
+
+    async def _start_tls(self) -> bool:
+        """The server side of a TLS handshake on :attr:`stream`, within its own deadline.  On
+        success the stream becomes the :class:`trio.SSLStream` and the version and cipher are
+        logged; on failure (logged, no traceback) the caller ends the session."""
+        tls = self.receiver.tls
+        assert tls is not None
+        context = await tls.current()
+        stream = trio.SSLStream(self.stream, context, server_side=True)
+        timeout = min(HANDSHAKE_TIMEOUT, self.receiver.config.limits.command_timeout)
+        self._handshaking = True
+        with trio.move_on_after(timeout):
+            try:
+                await stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                # The client hung up, or spoke no (acceptable) TLS: say why, briefly.
+                cause = exc.__cause__
+                reason = getattr(cause, "reason", None) or str(cause or exc) or "connection lost"
+                maillog.event("tls-failed", ip=self.ip, reason=reason)
+                return False
+            self._handshaking = False
+            self.stream = stream
+            self._tls = describe(stream)
+            maillog.event("tls", ip=self.ip, version=self._tls[0], cipher=self._tls[1])
+            return True
+        maillog.event("timeout", ip=self.ip, stage="tls")
+        return False
+
+    async def close_tls(self) -> None:
+        """Say goodbye on the TLS layer (close_notify), bounded; :meth:`Receiver.handle_connection`
+        closes the TCP stream after it.  Never raises."""
+        if self._handshaking:
+            return
+        with (
+            trio.CancelScope(shield=True, deadline=trio.current_time() + GOODBYE_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+        ):
+            await self.stream.aclose()
 
     async def _serve(self, command_deadline: float) -> None:
         conn = self.conn
@@ -301,6 +444,10 @@ class _Session:
                 if isinstance(event, ConnectionClosed):
                     await self._flush()  # a half-closed peer may still read its replies
                     return
+                if isinstance(event, StartTLS):
+                    await self._starttls(event)
+                    command_deadline = trio.current_time() + command_timeout
+                    continue
                 reply = await self._answer(event)
                 self._out.append(conn.send(reply))
                 if reply.close:
@@ -328,8 +475,8 @@ class _Session:
     async def _say_goodbye(self) -> None:
         """The 421 after :meth:`force_close`, behind any reply already due (a 250 for a message
         committed just before the cut must still reach the client).  Skipped when a write was
-        cut in the middle: more bytes would only garble the reply stream."""
-        if self._writing:
+        cut in the middle, or a TLS handshake: more bytes would only garble the stream."""
+        if self._writing or self._handshaking:
             return
         self._out.append(self.conn.send(replies.shutting_down(self.receiver.settings.hostname)))
         data = b"".join(self._out)
@@ -405,6 +552,19 @@ class _Session:
 
     # --- events -------------------------------------------------------------------------------
 
+    async def _starttls(self, event: StartTLS) -> None:
+        """RFC 3207: write the 220 (with any replies still queued), then the handshake; on
+        failure the session ends without another word (raises _Hangup)."""
+        conn = self.conn
+        # Sending the 220 makes the protocol discard every byte that followed STARTTLS.
+        self._out.append(conn.send(event.reply))
+        if event.reply.code != 220:  # pragma: no cover - the protocol proposes only 220
+            return
+        await self._flush()
+        if not await self._start_tls():
+            raise _Hangup
+        conn.tls_started()
+
     async def _answer(self, event: _AnsweredEvent) -> Reply:
         """The reply to one event: the protocol's proposal, or a rejection of our own."""
         reply = event.reply
@@ -443,6 +603,13 @@ class _Session:
             self._end_transaction()
         elif isinstance(event, Respond):
             verb = event.verb
+        elif isinstance(event, AuthChallenge):
+            verb = "AUTH"
+            if self.receiver.failures.locked(self.ip, trio.current_time()):
+                reply = replies.auth_locked_out(self.receiver.settings.hostname)
+        elif isinstance(event, AuthRequest):
+            verb = "AUTH"
+            reply = await self._authenticate(event)
         elif isinstance(event, Hello):
             verb = "EHLO" if event.extended else "HELO"
             await self._abandon()
@@ -469,6 +636,16 @@ class _Session:
             return replies.LOCAL_ERROR
         if free < FREE_SPACE_FACTOR * limits.max_message_size:
             return replies.INSUFFICIENT_STORAGE
+        if self._user is not None and not self.receiver.config.auth.allow_any_sender:
+            try:
+                allowed = await trio.to_thread.run_sync(
+                    auth.sender_allowed, self._user, event.reverse_path, self.receiver.domains
+                )
+            except OSError as exc:
+                maillog.error("routing-error", ip=self.ip, error=exc)
+                return replies.LOCAL_ERROR
+            if not allowed:
+                return SENDER_NOT_OWNED
         self._reverse_path = "" if event.reverse_path is None else str(event.reverse_path)
         self._body = event.body
         self._smtputf8 = event.smtputf8
@@ -490,9 +667,40 @@ class _Session:
         return reply
 
     def _may_relay(self) -> bool:
-        """Whether this client may send to domains we do not serve: never, until the relay
-        (trusted networks) and AUTH (authenticated sessions) say otherwise."""
-        return False
+        """Whether this client may send to domains we do not serve: only from a trusted network
+        (``[relay] trusted_networks``, empty by default) or after AUTH.  Never an open relay."""
+        return self._user is not None or self.receiver.config.relay.trusts(self.ip)
+
+    async def _authenticate(self, event: AuthRequest) -> Reply:
+        """Check the credentials of a complete SASL exchange: 235, 535 5.7.8, 454 4.7.0 (the
+        users file cannot be read) or 421 4.7.0 (this IP is locked out; nothing is checked)."""
+        receiver = self.receiver
+        failures = receiver.failures
+        if failures.locked(self.ip, trio.current_time()):
+            return replies.auth_locked_out(receiver.settings.hostname)
+        try:
+            async with receiver._auth_limiter:
+                user = await trio.to_thread.run_sync(
+                    receiver.users.authenticate, event.username, event.password
+                )
+        except OSError as exc:
+            maillog.error("auth-error", ip=self.ip, file=receiver.users.path, error=exc.strerror)
+            return replies.AUTH_TEMPORARY_FAILURE
+        if user is None:
+            now = trio.current_time()
+            failures.record_failure(self.ip, now)
+            # Neither the password nor the username: users do type passwords into the
+            # username field.
+            maillog.event(
+                "auth-failed",
+                ip=self.ip,
+                mechanism=event.mechanism,
+                failures=failures.failures(self.ip, now),
+            )
+            return replies.AUTH_FAILED
+        self._user = user
+        maillog.event("auth", ip=self.ip, mechanism=event.mechanism, user=user)
+        return event.reply
 
     def _open_message(self) -> bool:
         """Start the spool file in memory: pre-header and Received header.  False (logged) when
@@ -509,18 +717,18 @@ class _Session:
             forward_paths=tuple(self._recipients),
             body=self._body,
             smtputf8=self._smtputf8,
+            auth=self._user,
+            relay=self._relay,
         )
-        # RFC 3848 / RFC 6531 3.7.3: the "with" keyword of the Received header.
-        if not self.conn.extended:
-            protocol = "SMTP"
-        elif self._smtputf8:
-            protocol = "UTF8SMTP"
-        else:
-            protocol = "ESMTP"
+        # RFC 3848 / RFC 6531 3.7.3: the "with" keyword of the Received header (ESMTPSA ...).
+        protocol = self.conn.received_with(smtputf8=self._smtputf8)
         try:
-            header = envelope.encode() + received_header(
+            received = received_header(
                 envelope, hostname=receiver.settings.hostname, protocol=protocol
             )
+            if self._tls is not None:
+                received = _with_tls_comment(received, *self._tls)
+            header = envelope.encode() + received
         except EnvelopeError as exc:
             # The protocol only lets through what an envelope can hold, so this is a bug:
             # refuse the message, not the whole session.
@@ -594,3 +802,14 @@ class _Session:
         self._spool_failed = False
         self._data_deadline = None
         self._data_verb = "BDAT"
+
+
+def _with_tls_comment(received: bytes, version: str, cipher: str) -> bytes:
+    """*received* (a folded Received header) with ``(using TLSv1.3 with cipher ...)`` as its
+    second line, where Postfix and others put it (RFC 3848 section 1 leaves the detail to a
+    comment)."""
+    version = _TLS_NAME_UNSAFE.sub("_", version)
+    cipher = _TLS_NAME_UNSAFE.sub("_", cipher)
+    first, sep, rest = received.partition(b"\r\n")
+    comment = f"(using {version} with cipher {cipher})".encode("ascii")
+    return first + sep + b"\t" + comment + b"\r\n" + rest

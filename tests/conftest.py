@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import smtplib
+import ssl
 import textwrap
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -17,10 +18,12 @@ from typing import Any, TypeVar
 import attrs
 import pytest
 import trio
+import trustme
 
 from katerchen import app
 from katerchen.config import Config
 from katerchen.envelope import Envelope
+from tests.fakepeer import FakePeer, Script
 
 HOSTNAME = "mx.example.test"
 DOMAIN = "example.test"
@@ -364,3 +367,145 @@ async def client(server: Server) -> AsyncIterator[RawClient]:
     await raw.expect(f"220 {HOSTNAME}")
     yield raw
     await raw.aclose()
+
+
+# --- relay tests: scripted fake SMTP peers ------------------------------------------------------
+
+
+@pytest.fixture
+def start_fake_peer(nursery: trio.Nursery) -> Callable[..., Awaitable[FakePeer]]:
+    """``await start_fake_peer(Script(...), ..., ssl_context=None)``: a :class:`FakePeer` on
+    127.0.0.1 port 0 running in the test's nursery (``peer.port``); connection n follows the
+    n-th script, the last one repeating."""
+
+    async def start(*scripts: Script, ssl_context: ssl.SSLContext | None = None) -> FakePeer:
+        peer = FakePeer(scripts or (Script(),), ssl_context=ssl_context)
+        with trio.fail_after(TIMEOUT):
+            await nursery.start(peer.serve)
+        return peer
+
+    return start
+
+
+# --- TLS and AUTH: trustme certificates, a users file, TLS clients (tls-io) ----------------------
+
+#: The users in make_tls_config's users file, address -> password.
+USERS = {"alice@example.test": "alice's secret", "bob@example.test": "bob's secret"}
+
+
+@attrs.frozen
+class TlsFiles:
+    """A server certificate (for HOSTNAME, localhost and 127.0.0.1) issued by a trustme CA,
+    written as PEM files."""
+
+    ca: trustme.CA
+    cert: trustme.LeafCert
+    certificate: Path
+    key: Path
+
+    def client_context(self) -> ssl.SSLContext:
+        """A client context that trusts the CA (and checks the host name)."""
+        context = ssl.create_default_context()
+        self.ca.configure_trust(context)
+        return context
+
+
+def issue_tls_files(ca: trustme.CA, directory: Path, name: str = "server") -> TlsFiles:
+    """Issue a server certificate from *ca* into *directory*/<name>.crt and <name>.key."""
+    directory.mkdir(parents=True, exist_ok=True)
+    cert = ca.issue_cert(HOSTNAME, "localhost", "127.0.0.1")
+    certificate, key = directory / f"{name}.crt", directory / f"{name}.key"
+    certificate.write_bytes(b"".join(blob.bytes() for blob in cert.cert_chain_pems))
+    key.write_bytes(cert.private_key_pem.bytes())
+    return TlsFiles(ca, cert, certificate, key)
+
+
+@pytest.fixture(scope="session")
+def tls_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path, tls_ca: trustme.CA) -> TlsFiles:
+    return issue_tls_files(tls_ca, tmp_path / "tls")
+
+
+def write_users(path: Path, users: dict[str, str]) -> None:
+    """A users file with cheap scrypt hashes (the parameters are in each hash)."""
+    from katerchen.auth import hash_password
+
+    path.write_text("".join(f"{a}:{hash_password(p, log2_n=4)}\n" for a, p in users.items()))
+    path.chmod(0o600)
+
+
+@pytest.fixture
+def make_tls_config(tmp_path: Path, tls_files: TlsFiles) -> MakeConfig:
+    """``make_tls_config(server={...}, limits={...}, auth={...}, extra="")``: like make_config,
+    plus [tls] with tls_files, one submission and one submissions listener on 127.0.0.1 port 0,
+    [auth] with the users file tmp_path/users holding USERS, and *extra* TOML at the end."""
+
+    def make(
+        *,
+        server: dict[str, object] | None = None,
+        limits: dict[str, object] | None = None,
+        auth: dict[str, object] | None = None,
+        extra: str = "",
+    ) -> Config:
+        for mailbox in MAILBOXES:
+            (tmp_path / "domains" / DOMAIN / mailbox).mkdir(parents=True, exist_ok=True)
+        users = tmp_path / "users"
+        if not users.exists():
+            write_users(users, USERS)
+        server_keys: dict[str, object] = {
+            "submission": ["127.0.0.1:0"],
+            "submissions": ["127.0.0.1:0"],
+        }
+        server_keys.update(server or {})
+        auth_keys: dict[str, object] = {"users_file": "users"}
+        auth_keys.update(auth or {})
+        text = config_toml(server=server_keys, limits=limits)
+        text += "\n[tls]\n"
+        text += f"certificate = {_toml_value(str(tls_files.certificate))}\n"
+        text += f"key = {_toml_value(str(tls_files.key))}\n"
+        text += "\n[auth]\n" + "".join(f"{k} = {_toml_value(v)}\n" for k, v in auth_keys.items())
+        return Config.from_toml(text + extra, base_dir=tmp_path)
+
+    return make
+
+
+@pytest.fixture
+async def tls_server(start_server: StartServer, make_tls_config: MakeConfig) -> Server:
+    """A server with [tls], a submission and a submissions listener, and USERS."""
+    return await start_server(make_tls_config())
+
+
+def submission_address(server: Server) -> tuple[str, int]:
+    return server.running.submission_addresses[0]
+
+
+def submissions_address(server: Server) -> tuple[str, int]:
+    return server.running.submissions_addresses[0]
+
+
+async def start_tls(
+    raw: RawClient, context: ssl.SSLContext, server_hostname: str = HOSTNAME
+) -> RawClient:
+    """After the 220 to STARTTLS: the TLS handshake over *raw*'s stream, a RawClient over the
+    TLS stream.  Fails when the server sent anything after the 220 (it would be a reply to a
+    command pipelined after STARTTLS)."""
+    assert not raw._buffer, f"bytes after the 220: {bytes(raw._buffer)!r}"
+    stream = trio.SSLStream(raw.stream, context, server_hostname=server_hostname)
+    with trio.fail_after(TIMEOUT):
+        await stream.do_handshake()
+    return RawClient(stream)  # type: ignore[arg-type]
+
+
+async def connect_tls(
+    address: tuple[str, int], context: ssl.SSLContext, server_hostname: str = HOSTNAME
+) -> RawClient:
+    """A RawClient over implicit TLS (port 465 style), the handshake done."""
+    with trio.fail_after(TIMEOUT):
+        tcp = await trio.open_tcp_stream(*address)
+        stream = trio.SSLStream(tcp, context, server_hostname=server_hostname)
+        await stream.do_handshake()
+    return RawClient(stream)  # type: ignore[arg-type]

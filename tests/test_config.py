@@ -17,7 +17,9 @@ from katerchen.config import (
     ConfigError,
     DeliveryConfig,
     DirectoriesConfig,
+    DnsConfig,
     LimitsConfig,
+    RelayConfig,
     format_address,
 )
 
@@ -39,6 +41,7 @@ def test_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
         received=Path("/srv/k/spool/received"),
         relay=Path("/srv/k/spool/relay"),
         domains=Path("/srv/k/domains"),
+        hold=Path("/srv/k/spool/hold"),
     )
     assert config.limits == LimitsConfig(
         max_message_size=26214400,
@@ -200,6 +203,21 @@ BAD = [
     ("[server]\nshutdown_grace = true", "[server] shutdown_grace", "boolean"),
     ('[server]\nshutdown_grace = "10"', "[server] shutdown_grace", "string"),
     ("[server]\nshutdown_grace = inf", "[server] shutdown_grace", "inf"),
+    ('[server]\nsubmission = "0.0.0.0:587"', "[server] submission", "expected an array"),
+    ('[server]\nsubmission = ["0.0.0.0"]', "[server] submission", '"host:port"'),
+    ('[server]\nsubmission = ["0.0.0.0:587"]', "[server] submission", "needs [tls]"),
+    ('[server]\nsubmissions = ["[::]:465"]', "[server] submissions", "needs [tls]"),
+    ("[server]\nsubmissions = [465]", "[server] submissions", "expected an array"),
+    (
+        '[server]\nlisten = ["0.0.0.0:25"]\nsubmission = ["0.0.0.0:25"]',
+        "[server] submission",
+        '"0.0.0.0:25" is in [server] listen too',
+    ),
+    (
+        '[server]\nsubmission = ["[::]:587"]\nsubmissions = ["[::]:587"]',
+        "[server] submissions",
+        "is in [server] submission too",
+    ),
     # [directories]
     ("[directories]\nincoming = 1", "[directories] incoming", "directory path"),
     ('[directories]\nreceived = ""', "[directories] received", "empty"),
@@ -209,6 +227,9 @@ BAD = [
     ('[directories]\nincoming = "spool/received/tmp"', "[directories] incoming", "inside"),
     ('[directories]\nrelay = "domains/relay"', "[directories] relay", "inside"),
     ('[directories]\ndomains = "spool"', "[directories] incoming", "inside"),
+    ("[directories]\nhold = 1", "[directories] hold", "directory path"),
+    ('[directories]\nhold = "spool/relay"', "[directories] hold", "same directory"),
+    ('[directories]\nhold = "spool/received/hold"', "[directories] hold", "inside"),
     # [limits]
     ("[limits]\nmax_recipients = -3", "[limits] max_recipients", "positive integer, got -3"),
     ("[limits]\nmax_recipients = 0", "[limits] max_recipients", "positive integer"),
@@ -243,6 +264,11 @@ BAD = [
         "at least [delivery] retry_initial (10), got 2.5",
     ),
     ("[delivery]\npostmaster = 1", "[delivery] postmaster", "an address like"),
+    ("[delivery]\nsink = true", "[delivery] sink", "an address like"),
+    ('[delivery]\nsink = "postmaster"', "[delivery] sink", "with a domain"),
+    ('[delivery]\nsink = "sink@[127.0.0.1]"', "[delivery] sink", "domain name"),
+    ('[delivery]\nsink = "a b@example.test"', "[delivery] sink", "an address like"),
+    ('[delivery]\nsink = "\\".x\\"@example.test"', "[delivery] sink", "mailbox directory"),
     ("[delivery]\npostmaster = ['a@b.c']", "[delivery] postmaster", "array"),
     ('[delivery]\npostmaster = "admin"', "[delivery] postmaster", "an address like"),
     ('[delivery]\npostmaster = "postmaster"', "[delivery] postmaster", "with a domain"),
@@ -259,12 +285,88 @@ BAD = [
     ('[delivery]\nrecipient_delimiter = " "', "[delivery] recipient_delimiter", "one character"),
     ("[delivery]\nretries = 3", "[delivery] retries", "unknown key"),
     ("[delivery]\nscan_intervall = 3", "[delivery] scan_intervall", "did you mean"),
+    # [tls] (files that do not load: tests/test_tls_config.py)
+    ("[tls]\ncertificate = 1", "[tls] certificate", "PEM file path"),
+    ('[tls]\ncertificate = "/nonexistent/cert.pem"', "[tls] key", "needed with"),
+    ('[tls]\nkey = "/nonexistent/key.pem"', "[tls] certificate", "needed with"),
+    ("[tls]\nkey = false", "[tls] key", "boolean"),
+    (
+        '[tls]\ncertificate = "/nonexistent/c.pem"\nkey = "/nonexistent/k.pem"',
+        "[tls] certificate",
+        "does not exist",
+    ),
+    # [auth]
+    ("[auth]\nusers_file = 1", "[auth] users_file", "file path"),
+    ('[auth]\nusers_file = ""', "[auth] users_file", "empty"),
+    ('[auth]\nallow_any_sender = "yes"', "[auth] allow_any_sender", "true or false"),
+    ("[auth]\nmax_failures = 0", "[auth] max_failures", "positive integer"),
+    ("[auth]\nfailure_window = 0", "[auth] failure_window", "positive number"),
+    ("[auth]\nfailure_window = true", "[auth] failure_window", "boolean"),
+    # [relay], [relay.routes]
+    ('[relay]\ntrusted_networks = "10.0.0.0/8"', "[relay] trusted_networks", "expected an array"),
+    ('[relay]\ntrusted_networks = ["10.0.0.0/33"]', "[relay] trusted_networks", "not a network"),
+    ('[relay]\ntrusted_networks = ["localhost"]', "[relay] trusted_networks", "not a network"),
+    (
+        '[relay]\ntrusted_networks = ["192.0.2.7/24"]',
+        "[relay] trusted_networks",
+        'host bits set (did you mean "192.0.2.0/24"?)',
+    ),
+    ("[relay]\nsmarthost = 25", "[relay] smarthost", "expected a string"),
+    ('[relay]\nsmarthost = "bad_host:25"', "[relay] smarthost", "not an address or host name"),
+    ('[relay]\nsmarthost = "mail.example.net:0"', "[relay] smarthost", "port"),
+    ('[relay]\nsmarthost = "mail.example.net:x"', "[relay] smarthost", "port"),
+    ('[relay]\nsmarthost_user = "u"', "[relay] smarthost_password", "needed with"),
+    (
+        '[relay]\nsmarthost = "mail.example.net"\nsmarthost_password = "p"',
+        "[relay] smarthost_user",
+        "needed with [relay] smarthost_password",
+    ),
+    ('[relay]\nsmarthost_user = "u"\nsmarthost_password = "p"', "[relay] smarthost_user", "needs"),
+    ('[relay]\nsmarthost_password = "a\\nb"', "[relay] smarthost_password", "control"),
+    ('[relay]\nsmarthost_tls = "verify"', "[relay] smarthost_tls", '"opportunistic" or "required"'),
+    ("[relay]\nca_file = 1", "[relay] ca_file", "expected a string"),
+    ('[relay]\nca_file = "/nonexistent/ca.pem"', "[relay] ca_file", "cannot load"),
+    ("[relay]\nmx_port = 0", "[relay] mx_port", "positive integer"),
+    ("[relay]\nmx_port = 65536", "[relay] mx_port", "1 to 65535"),
+    ("[relay]\nretry_initial = 0", "[relay] retry_initial", "positive number"),
+    ("[relay]\nretry_max = 299", "[relay] retry_max", "at least [relay] retry_initial (300)"),
+    ("[relay]\nmax_age = -1", "[relay] max_age", "positive number"),
+    ("[relay]\ndelay_warning = -1", "[relay] delay_warning", ">= 0"),
+    ("[relay]\nmax_connections = 0", "[relay] max_connections", "positive integer"),
+    (
+        "[relay]\nmax_connections_per_destination = 1.5",
+        "[relay] max_connections_per_destination",
+        "positive integer",
+    ),
+    ("[relay]\nconnect_timeout = 0", "[relay] connect_timeout", "positive number"),
+    ('[relay]\ngreeting_timeout = "5"', "[relay] greeting_timeout", "string"),
+    ("[relay]\ncommand_timeout = inf", "[relay] command_timeout", "inf"),
+    ("[relay]\ndata_start_timeout = 0", "[relay] data_start_timeout", "positive number"),
+    ("[relay]\ndata_block_timeout = false", "[relay] data_block_timeout", "boolean"),
+    ("[relay]\ndata_end_timeout = -1", "[relay] data_end_timeout", "positive number"),
+    ("[relay]\nroutes = 1", "[relay] routes", "expected a table [relay.routes]"),
+    ('[relay.routes]\n"exa_mple.net" = "h:25"', '[relay.routes] "exa_mple.net"', "domain name"),
+    ('[relay.routes]\n"example.net" = 25', '[relay.routes] "example.net"', '"host:port"'),
+    ('[relay.routes]\n"*" = "h:0"', '[relay.routes] "*"', "port"),
+    (
+        '[relay.routes]\n"a.example" = "h"\n"A.example" = "h"',
+        '[relay.routes] "A.example"',
+        "given twice",
+    ),
+    ("[relay]\ntrusted = []", "[relay] trusted", "unknown key"),
+    # [dns]
+    ('[dns]\nnameservers = "127.0.0.1"', "[dns] nameservers", "expected an array"),
+    ('[dns]\nnameservers = ["ns.example.net"]', "[dns] nameservers", '"host:port"'),
+    ('[dns]\nnameservers = ["ns.example.net:53"]', "[dns] nameservers", "IP address"),
+    ('[dns]\nnameservers = ["127.0.0.1:0"]', "[dns] nameservers", "port"),
     # structure
     ("[server]\nhostnam = 'x'", "[server] hostnam", "did you mean 'hostname'"),
     ("[limits]\nmax_size = 1", "[limits] max_size", "unknown key"),
     ("[limit]\nmax_recipients = 1", "[limit]", "did you mean [limits]"),
-    ("[tls]\ncert = 'x'", "[tls]", "unknown section"),
-    ("hostname = 'x'", "hostname", "[server], [directories], [limits] or [delivery] table"),
+    ("[tsl]\ncertificate = 'x'", "[tsl]", "did you mean [tls]"),
+    ("[tls]\ncert = 'x'", "[tls] cert", "unknown key"),
+    ("[dkim]\nkey = 'x'", "[dkim]", "unknown section"),
+    ("hostname = 'x'", "hostname", "keys belong in a [server], [directories], [limits]"),
     ("[deliver]\nscan_interval = 1", "[deliver]", "did you mean [delivery]"),
     ("server = 1", "[server]", "expected a table"),
     ("[server.extra]\nx = 1", "[server] extra", "unknown key"),
@@ -576,3 +678,91 @@ def test_cli_serve_refuses_to_start_without_a_postmaster_mailbox(
     err = capsys.readouterr().err
     assert "katerchen: config error: [delivery] postmaster: bob@example.org: " in err
     assert "example.org is not a served domain" in err
+
+
+# --- [relay], [relay.routes], [dns] ------------------------------------------------------------
+
+
+def test_relay_and_dns_defaults() -> None:
+    config = load("")
+    assert config.relay == RelayConfig()
+    assert config.dns == DnsConfig()
+    relay = config.relay
+    assert relay.trusted_networks == ()
+    assert relay.smarthost is None
+    assert relay.smarthost_tls == "opportunistic"
+    assert relay.ca_file is None
+    assert relay.mx_port == 25
+    assert (relay.retry_initial, relay.retry_max) == (300, 3600)
+    assert (relay.max_age, relay.delay_warning) == (432000, 14400)
+    assert (relay.max_connections, relay.max_connections_per_destination) == (20, 4)
+    assert relay.connect_timeout == 60
+    assert (relay.greeting_timeout, relay.command_timeout) == (300, 300)
+    assert (relay.data_start_timeout, relay.data_block_timeout) == (120, 180)
+    assert relay.data_end_timeout == 600
+    assert relay.routes == ()
+    assert config.dns.nameservers == ()
+
+
+def test_relay_values(tmp_path: Path) -> None:
+    ca = tmp_path / "ca.pem"
+    trustme = pytest.importorskip("trustme")
+    trustme.CA().cert_pem.write_to_path(str(ca))
+    config = load(
+        "[relay]\n"
+        'trusted_networks = ["192.0.2.0/24", "2001:DB8::/32", "10.1.2.3", "10.1.2.3/32"]\n'
+        'smarthost = "Smtp.Example.NET"\n'
+        'smarthost_user = "me@example.org"\nsmarthost_password = "s3cret"\n'
+        'smarthost_tls = "required"\nca_file = "ca.pem"\nmx_port = 2525\ndelay_warning = 0\n'
+        "[relay.routes]\n"
+        '"Example.NET" = "127.0.0.1:2526"\n"*" = "[::1]:25"\n"b.example" = "::1"\n'
+        "[dns]\n"
+        'nameservers = ["127.0.0.1:5353", "::1", "[::1]:53", "127.0.0.1:5353"]\n',
+        base_dir=tmp_path,
+    )
+    relay = config.relay
+    assert [str(n) for n in relay.trusted_networks] == [
+        "192.0.2.0/24",
+        "2001:db8::/32",
+        "10.1.2.3/32",
+    ]
+    assert relay.smarthost == ("smtp.example.net", 25)
+    assert relay.smarthost_password == "s3cret"
+    assert "s3cret" not in repr(relay)
+    assert relay.ca_file == ca
+    assert relay.mx_port == 2525
+    assert relay.delay_warning == 0
+    assert relay.routes == (
+        ("*", ("::1", 25)),
+        ("b.example", ("::1", 25)),
+        ("example.net", ("127.0.0.1", 2526)),
+    )
+    assert relay.route("EXAMPLE.net") == ("127.0.0.1", 2526)
+    assert relay.route("example.net.") == ("127.0.0.1", 2526)
+    assert relay.route("other.example") == ("::1", 25)
+    assert RelayConfig().route("example.net") is None
+    assert config.dns.nameservers == ("127.0.0.1:5353", "::1", "[::1]:53")
+    assert Config.from_toml(config.to_toml(), base_dir=Path("/elsewhere")) == config
+
+
+@pytest.mark.parametrize(
+    ("networks", "ip", "trusted"),
+    [
+        ([], "127.0.0.1", False),  # nobody by default, not even localhost
+        (["192.0.2.0/24"], "192.0.2.7", True),
+        (["192.0.2.0/24"], "192.0.3.7", False),
+        (["192.0.2.0/24"], "::ffff:192.0.2.7", True),  # IPv4-mapped, from a dual-stack socket
+        (["::ffff:192.0.2.0/120"], "192.0.2.7", True),  # the mapped form written in the config
+        (["192.0.2.0/24"], "2001:db8::7", False),
+        (["2001:db8::/32"], "2001:db8::7", True),
+        (["2001:db8::/32"], "fe80::1%eth0", False),
+        (["127.0.0.1"], "127.0.0.1", True),
+        (["127.0.0.1"], "127.0.0.2", False),
+        (["0.0.0.0/0"], "", False),  # no client address (a Unix socket, a test): never
+        (["0.0.0.0/0"], "not an address", False),
+    ],
+)
+def test_relay_trusts(networks: list[str], ip: str, trusted: bool) -> None:
+    listed = ", ".join(f'"{n}"' for n in networks)
+    relay = load(f"[relay]\ntrusted_networks = [{listed}]").relay
+    assert relay.trusts(ip) is trusted
