@@ -14,6 +14,8 @@ The domains tree::
 
 Theory of operation: :func:`resolve_recipient` asks, in this order,
 
+0. With ``[delivery] sink`` set (a test sink, :mod:`katerchen.testing`), every recipient goes
+   to that one mailbox, and nothing below is asked.
 1. The bare ``<postmaster>`` (no domain; RFC 5321 4.5.1 says it must be accepted) goes to
    ``[delivery] postmaster`` when that is set and reaches somewhere; else to ``postmaster@D``
    where D is the server's hostname if served, else its closest served parent domain (``mx.``
@@ -89,6 +91,7 @@ __all__ = [
     "check_postmaster",
     "parse_aliases",
     "resolve_recipient",
+    "sink_mailbox",
 ]
 
 #: The aliases file of a domain: ``<domains>/<domain>/aliases``.
@@ -200,15 +203,23 @@ def resolve_recipient(
     delimiter: str,
     postmaster: str | Address | None,
     hostname: str = "",
+    sink: str | Address | None = None,
 ) -> Resolution:
     """Resolve the forward-path *address* against *view* (see the module docstring for the rules).
 
     *delimiter* is ``[delivery] recipient_delimiter`` ("" = no sub-addressing); *postmaster* is
     ``[delivery] postmaster`` ("" or None = none; a string that does not parse counts as none);
-    *hostname* is ``[server] hostname``, used only for the bare ``<postmaster>``.  Pure apart
-    from what *view* does; never raises for any :class:`~katerchen.address.Address` (exceptions
-    of the view propagate).
+    *hostname* is ``[server] hostname``, used only for the bare ``<postmaster>``.  *sink* is
+    ``[delivery] sink``: when it names a mailbox (:func:`sink_mailbox`), every address resolves
+    to that mailbox and nothing else is consulted -- no domain, alias or remote target.  Pure
+    apart from what *view* does; never raises for any :class:`~katerchen.address.Address`
+    (exceptions of the view propagate).
     """
+    sink_box = sink_mailbox(sink)
+    if sink_box is not None:
+        # A test sink: whatever the client sent to, it lands in one local mailbox.  No path is
+        # built from *address*, and no remote target can come out of here: a sink never relays.
+        return Resolution(mailboxes=(sink_box,))
     global_postmaster = _as_address(postmaster)
     if address.domain is None:
         # The parser makes a domain-less address only of <postmaster>.
@@ -229,6 +240,19 @@ def resolve_recipient(
     if domain is None or not view.domain_exists(domain):
         return Resolution(refusal=Route.RELAY_DENIED)
     return _Walk(view, delimiter, global_postmaster).resolve_original(domain, name)
+
+
+def sink_mailbox(sink: str | Address | None) -> Mailbox | None:
+    """The mailbox of the ``[delivery] sink`` address *sink*; None when it is unset ("" or None)
+    or cannot name a mailbox (config.py refuses such a setting)."""
+    address = _as_address(sink)
+    if address is None or address.domain is None:
+        return None
+    domain = domain_component(address.domain)
+    name = mailbox_component(address.local_part)
+    if domain is None or name is None:
+        return None
+    return Mailbox(domain, name)
 
 
 def _as_address(postmaster: str | Address | None) -> Address | None:
@@ -646,6 +670,7 @@ class DomainsTree:
             delimiter=self.delivery.recipient_delimiter,
             postmaster=self.delivery.postmaster,
             hostname=self.hostname,
+            sink=self.delivery.sink,
         )
 
 
