@@ -969,14 +969,18 @@ class _Relayer:
             if session is None:
                 opened = await self._open(job)
                 if isinstance(opened, _Failure):
+                    # The same hosts would fail the same way now: the other jobs queued for
+                    # this destination wait for their next attempt too.  Only those queued
+                    # now: a job the records below queue (a retry already due, SIGUSR1) gets
+                    # an attempt of its own.
+                    destination = self.destinations.get(job.route.destination)
+                    others = list(destination.queue) if destination is not None else []
+                    if destination is not None:
+                        destination.queue.clear()
                     await self._record(
                         job.message, opened.results(job.recipients), opened.via, False
                     )
-                    # The same hosts would fail the same way now: the other queued jobs of
-                    # this destination wait for their next attempt too.
-                    destination = self.destinations.get(job.route.destination)
-                    while destination is not None and destination.queue:
-                        other = destination.queue.popleft()
+                    for other in others:
                         results = opened.results(other.recipients)
                         await self._record(other.message, results, opened.via, False)
                     return None

@@ -110,7 +110,9 @@ async def driven(
 
 async def drive_clock(clock: trio.testing.MockClock, threads: Threads) -> None:
     while True:
-        await trio.testing.wait_all_tasks_blocked(cushion=0.001)
+        # 10 ms of real quiet: loopback I/O on a loaded 2-core CI machine can take longer than
+        # 1 ms to come back, and a jump taken too early would fire a relay timeout instead.
+        await trio.testing.wait_all_tasks_blocked(cushion=0.01)
         if threads.busy:
             await threads.idle.wait()
             continue
@@ -377,11 +379,13 @@ async def test_sigusr1_retries_deferred_recipients_now(
     )
     queue_id = place(config)
     await start_server(config, deliver=True, handle_signals=True)
-    state_file = config.directories.relay / f"{queue_id}.state"
-    await wait_until(state_file.exists)
-    await trio.testing.wait_all_tasks_blocked()  # the relay is done with the attempt
+    # The relay is done with the attempt once it logged the deferral: the line comes after
+    # the state file is written (the file shows up at the rename, while the worker thread may
+    # still be syncing the directory -- and a task waiting for a thread counts as blocked).
+    await wait_until(lambda: relay_lines(mail_log, to=f"<carol@{REMOTE}>"))
     (line,) = relay_lines(mail_log, to=f"<carol@{REMOTE}>")
     assert field(line, "status") == "deferred" and field(line, "retry") == "3600"
+    assert (config.directories.relay / f"{queue_id}.state").exists()
     os.kill(os.getpid(), signal.SIGUSR1)
     await peer.wait_for(lambda: peer.accepted)
     await wait_until(lambda: spool_files(config) == [])

@@ -337,8 +337,10 @@ async def test_start_removes_leftovers_and_keeps_live_states(
     _send, receive = trio.open_memory_channel[str | None](10)
     with trio.fail_after(TIMEOUT):
         await nursery.start(run_relay, relay_config, spool, receive)
-        # The finished message leaves relay/ with its state, without any connection.
-        while (relay_dir / done_id).exists():
+        # The finished message leaves relay/ with its state, without any connection.  The
+        # message is unlinked first, then the state, then relay-done is logged: wait for the
+        # line (the file being gone says only that the worker thread is half way).
+        while not log_lines(mail_log, "relay-done"):
             await trio.sleep(0.01)
     assert sorted(os.listdir(relay_dir)) == ["notes.txt", "subdir"]
     (cleanup,) = log_lines(mail_log, "relay-cleanup")
