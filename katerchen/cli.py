@@ -1,10 +1,14 @@
-"""The command line: parse arguments, load the config, and run the server, check the config or
-set a user's password.
+"""The command line: parse arguments, load the config, and run the server, check the config,
+set a user's password or manage the queue.
 
 Exit status: 0 after a clean shutdown (SIGTERM/SIGINT), a valid config or a password set, 1 when
 the server cannot start (e.g. the port is taken), 2 for usage and config errors (and any error of
 ``passwd``).  No traceback is shown for any of those; ``--log-level debug`` adds one to the log
 for a failed start.
+
+``serve`` takes what an init system hands over from the environment (:mod:`katerchen.daemon`):
+listening sockets (``LISTEN_FDS``) and the readiness socket (``NOTIFY_SOCKET``), and removes
+those variables once read.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from pathlib import Path
 
 import trio
 
-from katerchen import __version__, auth, maillog, queuecmd, routing
+from katerchen import __version__, auth, daemon, maillog, queuecmd, routing
 from katerchen.config import DEFAULT_DATA_DIR, Config, ConfigError, format_address
 
 __all__ = ["ENV_CONFIG", "build_parser", "main", "main_entry"]
@@ -46,6 +50,80 @@ environment:
 
 See katerchen.toml.example for every config key and its default."""
 
+_QUEUE_EPILOG = f"""\
+environment:
+  {ENV_CONFIG}  config file to use when --config is not given
+
+exit status: 0 done, 1 not found (no such message; no server for flush) or an
+I/O error, 2 usage and config errors.
+
+See katerchen.toml.example for every config key and its default."""
+
+_TOP_EPILOG = f"""\
+signals (serve): SIGTERM/SIGINT shut down gracefully, SIGHUP reloads the config,
+SIGUSR1 retries every waiting message now; see "katerchen serve --help".
+
+environment:
+  {ENV_CONFIG}  config file to use when --config is not given
+
+exit status:
+  0  done (serve: a clean shutdown)
+  1  serve: the server could not start; queue: no such message or server
+  2  usage or config error
+
+"katerchen COMMAND --help" shows a command's own options and details.
+See katerchen.toml.example for every config key and its default."""
+
+_SERVE_DESCRIPTION = """\
+Run the SMTP server in the foreground, logging to stderr, one line per event.
+
+signals:
+  SIGTERM, SIGINT  stop accepting, let transactions in progress finish within
+                   [server] shutdown_grace seconds, answer 421 to the rest, exit 0
+  SIGHUP           reload the config file, the certificate, the domains tree, the
+                   aliases and the users file; a config with an error is refused
+                   (logged as reload-failed) and the old one stays in force;
+                   listeners added or removed are opened or closed, open
+                   connections go on
+  SIGUSR1          rescan the spool and retry every deferred message now
+                   (what "katerchen queue flush" sends)
+
+logs: every line about a message carries its queue id (id=...), every line about
+a connection its session id (sid=...; the "queued" line has both), so that
+  grep id=QUEUE-ID      follows a message from its arrival to its delivery, relay
+                        or bounce (the bounce's own id is the id plus a letter)
+  grep sid=SESSION-ID   shows the whole SMTP session it came in
+--log-format json writes one JSON object per line instead (ts, level, event and
+the fields as keys) for log shippers.
+
+init systems: readiness is sent as READY=1 to $NOTIFY_SOCKET (systemd
+Type=notify), with RELOADING=1 during a reload and STOPPING=1 at shutdown.
+Listening sockets passed by the init system (LISTEN_FDS, LISTEN_PID, from fd 3;
+systemd socket units) are used instead of binding: a socket named "submission" or
+"submissions" in LISTEN_FDNAMES (FileDescriptorName=) serves that port, any
+other name port 25 ([server] listen); a kind of port that got a socket does not
+bind its configured addresses. --pidfile (or [server] pidfile) writes the
+process id once the ports are bound and removes it at exit. Started as root
+with [server] user set, katerchen drops to that user (and [server] group) right
+after binding, before it touches any mail. See scripts/ for a systemd service and
+socket unit and an OpenRC script.
+"""
+
+_SERVE_EPILOG = f"""\
+environment:
+  {ENV_CONFIG}  config file to use when --config is not given
+  NOTIFY_SOCKET     where to send READY=1, RELOADING=1, STOPPING=1 (systemd)
+  LISTEN_FDS, LISTEN_PID, LISTEN_FDNAMES
+                    listening sockets passed by the init system (socket activation)
+
+exit status:
+  0  clean shutdown after SIGTERM or SIGINT
+  1  the server could not start (port taken, spool unusable, pidfile not
+     writable, privileges not droppable, an unusable passed socket)
+  2  usage or config error
+
+See katerchen.toml.example for every config key and its default."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (public so that documentation tools can render it)."""
@@ -68,31 +146,51 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"log from this level up: {', '.join(maillog.LEVELS)} (default: info)",
         )
 
+    def add_serve_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
+        # On the top level too: bare `katerchen` is `katerchen serve`.
+        default = None if top else argparse.SUPPRESS
+        parser.add_argument(
+            "--log-format",
+            metavar="FORMAT",
+            type=str.lower,
+            choices=list(maillog.FORMATS),
+            default=default,
+            help="serve: logfmt (key=value, the default) or json (one object per line)",
+        )
+        parser.add_argument(
+            "--pidfile",
+            metavar="FILE",
+            default=default,
+            help="serve: write the process id to FILE once the ports are bound, remove it at "
+            "exit (default: [server] pidfile)",
+        )
+
     parser = argparse.ArgumentParser(
         prog="katerchen",
         description=_DESCRIPTION,
-        epilog=_EPILOG,
+        epilog=_TOP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"katerchen {__version__}")
     add_common(parser, top=True)
+    add_serve_options(parser, top=True)
     commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
         help="run the SMTP server in the foreground until SIGTERM/SIGINT (the default)",
-        description="Run the SMTP server in the foreground.  SIGTERM or SIGINT shut it down\n"
-        "gracefully (exit status 0).  Logs go to stderr, one line per event.\n\n"
-        + _DESCRIPTION.partition("\n\n")[2],
-        epilog=_EPILOG,
+        description=_SERVE_DESCRIPTION + "\n" + _DESCRIPTION.partition("\n\n")[2],
+        epilog=_SERVE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_common(serve, top=False)
+    add_serve_options(serve, top=False)
     check = commands.add_parser(
         "check-config",
         help="validate the config and print the effective config (exit status 2 on an error)",
         description="Validate the config and print the effective config, every key with\n"
-        "absolute paths, as TOML on stdout.  On an error, print one line naming the key\n"
-        "on stderr and exit with status 2.",
+        "absolute paths, as TOML on stdout (exit status 0).  The checks are those of\n"
+        "serve and of a SIGHUP reload, the certificate and the domains tree included.\n"
+        "On an error, print one line naming the key on stderr and exit with status 2.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -106,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
         "terminal, its first line is the password (without the line break), e.g.\n"
         "  printf '%s\\n' \"$PASSWORD\" | katerchen passwd --config FILE alice@example.org\n"
         "Only a scrypt hash of it is stored.  The running server picks the change up at\n"
-        "the next AUTH; no restart needed.  Exit status 0, or 2 on any error.",
+        "the next AUTH; no restart needed.  Run as root for a config with [server] user,\n"
+        "the file is given to that user, who must read it.  Exit status 0, or 2 on any\n"
+        "error.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -115,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "address", metavar="ADDRESS", help="the user: an address like alice@example.org"
     )
     queuecmd.add_parser(
-        commands, add_common=functools.partial(add_common, top=False), epilog=_EPILOG
+        commands, add_common=functools.partial(add_common, top=False), epilog=_QUEUE_EPILOG
     )
     return parser
 
@@ -134,7 +234,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _passwd(config_file, args.address)
     if args.command == "queue":
         return queuecmd.run(args, functools.partial(_load, config_file))
-    return _serve(config_file, log_level=args.log_level or "info")
+    return _serve(
+        config_file,
+        log_level=args.log_level or "info",
+        log_format=args.log_format or "logfmt",
+        pidfile=args.pidfile or None,
+    )
 
 
 def main_entry() -> None:
@@ -185,12 +290,25 @@ def _passwd(config_file: str | None, address: str) -> int:
     path = config.auth.users_file
     try:
         added = auth.set_password(path, user, password)
+        _give_to_server_user(config, path)
     except OSError as exc:
         print(f"katerchen: passwd: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     done = "added the user" if added else "changed the password of"
     print(f"katerchen: {done} {user} in {path}")
     return 0
+
+
+def _give_to_server_user(config: Config, path: Path) -> None:
+    """Run as root for a server that drops to ``[server] user``: the users file is written
+    anew (by rename), so it is root's now; give it back to the user that has to read it."""
+    if not config.server.user or os.geteuid() != 0:
+        return
+    try:
+        identity = daemon.lookup_identity(config.server.user, config.server.group)
+    except LookupError:
+        return  # the server will say so when it starts
+    os.chown(path, identity.uid, identity.gid)
 
 
 def _read_password(user: str) -> str:
@@ -220,8 +338,8 @@ def _read_password(user: str) -> str:
     return line
 
 
-def _serve(config_file: str | None, *, log_level: str) -> int:
-    maillog.setup(level=log_level)
+def _serve(config_file: str | None, *, log_level: str, log_format: str, pidfile: str | None) -> int:
+    maillog.setup(level=log_level, format=log_format)
     try:
         config = _load(config_file)
     except ConfigError as exc:
@@ -249,11 +367,31 @@ def _serve(config_file: str | None, *, log_level: str) -> int:
             note="[delivery] sink is set: every recipient at every domain is accepted",
         )
 
+    # What the init system passed: taken (and removed from the environment) at once.
+    try:
+        sockets = daemon.listen_fds()
+    except ValueError as exc:
+        maillog.error("cannot-start", reason=str(exc))
+        return 1
+    try:
+        notifier = daemon.Notifier.from_environment()
+    except ValueError as exc:
+        maillog.warning("notify-unsupported", error=str(exc), note="no readiness notification")
+        notifier = None
+
     # Imported here so that check-config does not pay for the server's imports.
     from katerchen import app
 
+    run = functools.partial(
+        app.run,
+        config,
+        handle_signals=True,
+        sockets=sockets,
+        notify=notifier,
+        pidfile=Path(os.path.abspath(pidfile)) if pidfile else None,
+    )
     try:
-        trio.run(functools.partial(app.run, config, handle_signals=True))
+        trio.run(run)
     except BaseException as exc:
         leaves = list(_leaves(exc))
         if all(isinstance(leaf, KeyboardInterrupt) for leaf in leaves):

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import grp
 import ipaddress
 import math
 import os
+import pwd
 import re
 import socket
 import ssl
@@ -104,6 +106,12 @@ class ServerConfig:
     # submission listeners; both need [tls].
     submission: tuple[tuple[str, int], ...] = ()
     submissions: tuple[tuple[str, int], ...] = ()
+    # Written with the process id once the listeners are bound, removed at exit; None = none.
+    pidfile: Path | None = None
+    # Started as root, drop to this user (a name or number in the user database) once the
+    # ports are bound, and to group (default: the user's own group); "" = stay as started.
+    user: str = ""
+    group: str = ""
 
 
 @attrs.frozen
@@ -354,6 +362,9 @@ class Config:
             f"shutdown_grace = {_toml_number(s.shutdown_grace)}",
             f"submission = [{_toml_addresses(s.submission)}]",
             f"submissions = [{_toml_addresses(s.submissions)}]",
+            f"pidfile = {_toml_str(str(s.pidfile) if s.pidfile else '')}",
+            f"user = {_toml_str(s.user)}",
+            f"group = {_toml_str(s.group)}",
             "",
             "[directories]",
             f"incoming = {_toml_str(str(d.incoming))}",
@@ -443,6 +454,9 @@ _DEFAULTS: dict[str, dict[str, object]] = {
         "shutdown_grace": 10,
         "submission": [],
         "submissions": [],
+        "pidfile": "",
+        "user": "",
+        "group": "",
     },
     "directories": {
         "incoming": "spool/incoming",
@@ -581,7 +595,7 @@ def _build(data: dict[str, object], *, base_dir: Path, source: Path | None) -> C
         assert isinstance(value, dict)
         tables[name] = _Table(name, value)
     return Config(
-        server=_server(tables["server"]),
+        server=_server(tables["server"], base_dir),
         directories=_directories(tables["directories"], base_dir),
         limits=_limits(tables["limits"]),
         delivery=_delivery(tables["delivery"]),
@@ -593,7 +607,7 @@ def _build(data: dict[str, object], *, base_dir: Path, source: Path | None) -> C
     )
 
 
-def _server(t: _Table) -> ServerConfig:
+def _server(t: _Table, base_dir: Path) -> ServerConfig:
     hostname = t.get("hostname")
     if hostname is None:
         hostname = _default_hostname()
@@ -618,13 +632,52 @@ def _server(t: _Table) -> ServerConfig:
                     f"{_toml_str(format_address(address))} is in {t.key(owner[address])} too",
                     key=t.key(name),
                 )
+    pidfile = t.get("pidfile")
+    if not isinstance(pidfile, str):
+        raise ConfigError(
+            f'expected a file path, or "", got {_describe(pidfile)}', key=t.key("pidfile")
+        )
+    user = _account(t.get("user"), t.key("user"), group=False)
+    group = _account(t.get("group"), t.key("group"), group=True)
+    if group and not user:
+        raise ConfigError(f"needs {t.key('user')}", key=t.key("group"))
     return ServerConfig(
         hostname=hostname,
         listen=listen,
         shutdown_grace=grace,
         submission=submission,
         submissions=submissions,
+        pidfile=_path(pidfile, t.key("pidfile"), base_dir, what="a file path") if pidfile else None,
+        user=user,
+        group=group,
     )
+
+
+def _account(value: object, key: str, *, group: bool) -> str:
+    """``[server] user`` or ``group``: "" or the name (or number) of an existing one."""
+    what = "group" if group else "user"
+    if not isinstance(value, str):
+        raise ConfigError(f'expected a {what} name, or "", got {_describe(value)}', key=key)
+    if not value:
+        return ""
+    if _CONTROL_CHARS.search(value) or ":" in value:
+        raise ConfigError(f"{_toml_str(value)} is not a {what} name", key=key)
+    try:
+        if group:
+            grp.getgrnam(value)
+        else:
+            pwd.getpwnam(value)
+    except KeyError:
+        try:
+            if not value.isdigit():
+                raise KeyError(value) from None
+            if group:
+                grp.getgrgid(int(value))
+            else:
+                pwd.getpwuid(int(value))
+        except (KeyError, OverflowError):
+            raise ConfigError(f"no {what} {_toml_str(value)} on this system", key=key) from None
+    return value
 
 
 def _directories(t: _Table, base_dir: Path) -> DirectoriesConfig:

@@ -204,11 +204,38 @@ class Receiver:
     _free_checked: float = attrs.field(init=False, default=float("-inf"))
 
     def __attrs_post_init__(self) -> None:
+        self._configure(offer_tls=self.tls is not None)
+        self.failures = auth.FailureTracker(
+            self.config.auth.max_failures, self.config.auth.failure_window
+        )
+        self._auth_limiter = trio.CapacityLimiter(AUTH_THREADS)
+
+    def reconfigure(self, config: Config, tls: ServerTLS | None) -> None:
+        """A reload (SIGHUP): sessions that start from now on get *config* and *tls*.  Open
+        sessions keep the protocol settings they started with (greeting name, size limit,
+        extensions) and their TLS context; what they look up per command (routing, users,
+        timeouts, relay permission) comes from the new config.  Connection counts, the shutdown
+        state and the AUTH failures seen so far carry over (the failures only while ``[auth]
+        max_failures`` and ``failure_window`` stay the same)."""
+        old = self.config.auth
+        self.config = config
+        if tls is not None:
+            self.tls = tls  # without [tls] the old one stays, for sessions offered STARTTLS
+        self._configure(offer_tls=tls is not None)
+        if (config.auth.max_failures, config.auth.failure_window) != (
+            old.max_failures,
+            old.failure_window,
+        ):
+            self.failures = auth.FailureTracker(
+                config.auth.max_failures, config.auth.failure_window
+            )
+
+    def _configure(self, *, offer_tls: bool) -> None:
         # The same construction as the delivery's, so that RCPT accepts exactly what delivery
         # can route.
         self.domains = DomainsTree.from_config(self.config)
         limits = self.config.limits
-        tls = self.tls is not None
+        tls = offer_tls
         mechanisms = AUTH_MECHANISMS if tls else ()
         self.settings = ServerSettings(
             hostname=self.config.server.hostname,
@@ -226,10 +253,6 @@ class Receiver:
             ),
         }
         self.users = auth.UsersFile(self.config.auth.users_file)
-        self.failures = auth.FailureTracker(
-            self.config.auth.max_failures, self.config.auth.failure_window
-        )
-        self._auth_limiter = trio.CapacityLimiter(AUTH_THREADS)
 
     @property
     def connections(self) -> int:
@@ -708,6 +731,7 @@ class _Session:
         receiver = self.receiver
         self._spool_failed = False
         queue_id = new_queue_id()
+        maillog.bind(id=queue_id)  # on every line of this transaction from now on
         envelope = Envelope(
             queue_id=queue_id,
             arrival=time.time(),
@@ -794,6 +818,7 @@ class _Session:
             await trio.to_thread.run_sync(message.discard)
 
     def _end_transaction(self) -> None:
+        maillog.unbind("id")
         self._reverse_path = ""
         self._body = None
         self._smtputf8 = False

@@ -189,7 +189,7 @@ def test_bare_katerchen_prepares_and_announces_the_default(
 ) -> None:
     ran: list[Config] = []
 
-    async def fake_run(config: Config, *, handle_signals: bool = False) -> None:
+    async def fake_run(config: Config, *, handle_signals: bool = False, **options: object) -> None:
         assert handle_signals
         ran.append(config)
 
@@ -208,7 +208,7 @@ def test_bare_katerchen_prepares_and_announces_the_default(
 def test_serve_announces_config_and_domains(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async def fake_run(config: Config, *, handle_signals: bool = False) -> None:
+    async def fake_run(config: Config, *, handle_signals: bool = False, **options: object) -> None:
         pass
 
     monkeypatch.setattr("katerchen.app.run", fake_run)
@@ -236,7 +236,7 @@ def test_serve_announces_config_and_domains(
 def test_serve_warns_about_a_missing_domains_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    async def fake_run(config: Config, *, handle_signals: bool = False) -> None:
+    async def fake_run(config: Config, *, handle_signals: bool = False, **options: object) -> None:
         pass
 
     monkeypatch.setattr("katerchen.app.run", fake_run)
@@ -297,16 +297,29 @@ class ServerProcess:
     """``python -m katerchen ...`` with its stderr read line by line by a thread, so that the
     test can wait for a log line with a deadline instead of sleeping."""
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
-        env = {k: v for k, v in os.environ.items() if k != cli.ENV_CONFIG}
+    def __init__(
+        self,
+        args: list[str],
+        cwd: Path,
+        *,
+        env: dict[str, str] | None = None,
+        pass_fds: tuple[int, ...] = (),
+        wrapper: list[str] | None = None,
+    ) -> None:
+        """*env* is added to the environment; *pass_fds* are inherited; *wrapper* is a command
+        line the python command is appended to (e.g. ``["sh", "-c", '... exec "$@"', "sh"]``)."""
+        environment = {k: v for k, v in os.environ.items() if k != cli.ENV_CONFIG}
+        environment.update(env or {})
+        command = [sys.executable, "-m", "katerchen", *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "katerchen", *args],
+            [*(wrapper or []), *command],
             cwd=cwd,
-            env=env,
+            env=environment,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            pass_fds=pass_fds,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
