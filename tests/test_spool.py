@@ -303,7 +303,9 @@ def test_free_bytes(spool: Spool) -> None:
     assert isinstance(free, int)
     assert free > 0
     vfs = os.statvfs(spool.received)
-    assert free == vfs.f_bavail * vfs.f_frsize
+    # Other processes write to this disk meanwhile, so the two readings may differ a little;
+    # the reserved blocks (f_bfree vs f_bavail) or the total size would differ by far more.
+    assert abs(free - vfs.f_bavail * vfs.f_frsize) <= 64 * 2**20
 
 
 # --- queue ids --------------------------------------------------------------------------------
