@@ -57,7 +57,7 @@ import attrs
 
 from katerchen.config import Config, ConfigError, DirectoriesConfig
 from katerchen.envelope import Envelope, EnvelopeError
-from katerchen.spool import is_queue_id
+from katerchen.spool import fsync_directory, is_queue_id
 
 __all__ = [
     "JSON_FORMAT",
@@ -179,14 +179,6 @@ def _is_file(path: Path) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except FileNotFoundError:
         return False
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rename(source: Path, target: Path) -> None:
@@ -456,7 +448,7 @@ def delete(directories: DirectoriesConfig, queue_id: str) -> list[Path]:
             if name == queue_id:
                 removed.append(path)
         if touched:
-            _fsync_directory(directory)
+            fsync_directory(directory)
     if not removed:
         raise NotFound(f"no message {queue_id} in the queue")
     return removed
@@ -487,8 +479,8 @@ def hold(directories: DirectoriesConfig, queue_id: str) -> list[Path]:
                     os.unlink(held_state)  # left from an earlier hold: the live one is newer
                 with contextlib.suppress(FileNotFoundError):
                     _rename(source / state, held_state)
-        _fsync_directory(target)
-        _fsync_directory(source)
+        fsync_directory(target)
+        fsync_directory(source)
     if not moved and not any(
         _is_file(_queue_dir(directories, origin, held=True) / queue_id) for origin in _ORIGINS
     ):
@@ -520,8 +512,8 @@ def release(directories: DirectoriesConfig, queue_id: str) -> list[Path]:
                     _rename(source / state, target / state)
         _rename(source / queue_id, target / queue_id)
         moved.append(target / queue_id)
-        _fsync_directory(target)
-        _fsync_directory(source)
+        fsync_directory(target)
+        fsync_directory(source)
     if not moved:
         raise NotFound(f"no held message {queue_id}")
     return moved

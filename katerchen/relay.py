@@ -90,7 +90,7 @@ from katerchen.protocol import (
     Transaction,
     TransactionResult,
 )
-from katerchen.spool import Spool, is_queue_id
+from katerchen.spool import Spool, fsync_directory, is_queue_id
 
 __all__ = [
     "DELAY_SUFFIX",
@@ -475,14 +475,6 @@ def delay_warning_due(now: float, arrival: float, state: RelayState, relay: Rela
         and bool(state.pending)
         and now - arrival >= relay.delay_warning
     )
-
-
-def _fsync_directory(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def anchored_clock() -> Callable[[], float]:
@@ -1420,7 +1412,7 @@ def _list_relay(relay_dir: Path, cleanup: bool) -> list[str]:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(relay_dir / name)
         if removed:
-            _fsync_directory(relay_dir)
+            fsync_directory(relay_dir)
             maillog.event("relay-cleanup", removed=",".join(sorted(removed)))
     ids.sort()
     return ids
@@ -1483,7 +1475,7 @@ def _write_state(relay_dir: Path, queue_id: str, data: bytes) -> None:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
-    _fsync_directory(relay_dir)
+    fsync_directory(relay_dir)
 
 
 def _remove(relay_dir: Path, queue_id: str) -> None:
@@ -1493,7 +1485,7 @@ def _remove(relay_dir: Path, queue_id: str) -> None:
         os.unlink(relay_dir / queue_id)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(state_path(relay_dir, queue_id))
-    _fsync_directory(relay_dir)
+    fsync_directory(relay_dir)
 
 
 # --- the task ------------------------------------------------------------------------------------

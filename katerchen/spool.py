@@ -35,6 +35,7 @@ __all__ = [
     "QUEUE_ID_LENGTH",
     "IncomingMessage",
     "Spool",
+    "fsync_directory",
     "is_queue_id",
     "new_queue_id",
     "write_file",
@@ -114,11 +115,12 @@ def write_file(tmp_dir: Path, final_dir: Path, name: str, chunks: Iterable[bytes
             return False
     finally:
         _unlink_quietly(temporary)
-    _fsync_directory(final_dir)
+    fsync_directory(final_dir)
     return True
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """BLOCKING: make a rename or unlink in *path* durable (fsync of the directory itself)."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -190,7 +192,7 @@ class Spool:
             raise ValueError("not a queue id")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.received / queue_id)
-        _fsync_directory(self.received)
+        fsync_directory(self.received)
 
     def open_message(self, queue_id: str, header: bytes) -> IncomingMessage:
         """Start a message: ``header`` (pre-header and Received header) goes first in the file.
@@ -317,7 +319,7 @@ class IncomingMessage:
             os.rename(self._incoming_path, self.received_path)
             renamed = True
             self._created = False  # incoming/<id> is gone; never unlink that name again
-            _fsync_directory(self._received_dir)
+            fsync_directory(self._received_dir)
         except BaseException:
             # BaseException too: a KeyboardInterrupt here must not leave a half-committed file.
             self._cleanup()

@@ -264,7 +264,7 @@ def test_directory_fsync_fault_removes_the_renamed_file(
     def failing_fsync(path: Path) -> None:
         raise OSError(errno.EIO, "injected")
 
-    monkeypatch.setattr(spool_module, "_fsync_directory", failing_fsync)
+    monkeypatch.setattr(spool_module, "fsync_directory", failing_fsync)
     message = spool.open_message(new_queue_id(), HEADER)
     with pytest.raises(OSError):
         message.commit()
